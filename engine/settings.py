@@ -1,0 +1,32 @@
+"""Everything a backend needs to start, filled from the CLI (app.py) or by tests and the benchmark."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "bg-digitalservices/Gemma-4-26B-A4B-it-NVFP4"
+BACKENDS = ("auto", "vllm", "openai", "transformers")
+
+
+@dataclass
+class EngineSettings:
+    model: str = DEFAULT_MODEL  # local directory or hub id (served model name for the openai backend)
+    backend: str = "auto"
+    # openai backend
+    base_url: str | None = None
+    api_key: str | None = None
+    # vllm backend; defaults follow the model card's `vllm serve` flags
+    max_model_len: int | None = 262144  # lowered, with a message, when the KV cache cannot hold it
+    kv_cache_dtype: str = "fp8"
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 4
+    tensor_parallel_size: int = 1
+    quantization: str | None = None  # None: read from the checkpoint (modelopt for NVFP4)
+    moe_backend: str | None = None  # None: marlin on GPUs without FP4 tensor cores, else vLLM's choice
+    linear_backend: str | None = None  # likewise
+    attention_backend: str | None = None  # None: vLLM's choice, TRITON_ATTN when FA4's deps are missing
+    load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks, GPU tests)
+    enforce_eager: bool = False
+    # multimodal limits, shared by every backend and the UI
+    max_images_per_prompt: int = 8
+    max_video_frames: int = 32
+    max_videos_per_prompt: int = 1
