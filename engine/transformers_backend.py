@@ -1,0 +1,300 @@
+"""Hugging Face transformers in this process: a small Gemma 4 on the CPU (or one GPU) without vLLM.
+
+One generation runs at a time; other requests wait for it. `model.generate()` runs in a worker thread
+and hands each token id to the request's event loop as it comes out. Abort is a flag that a stopping
+criterion reads after every token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BatchEncoding,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from engine import model_source
+from engine.base import Delta, EngineError, EngineStats, EngineStatus, GenerationRequest, SamplingOptions, Stage
+from engine.metrics import RequestClock
+from engine.prompt import content_parts, render_chat
+from engine.reasoning import ReasoningSplitter
+from engine.settings import EngineSettings
+
+_POLL_S = 0.02  # how often a waiting request checks whether the model is free
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.model = settings.model
+        self._status = EngineStatus(Stage.RESOLVING, f"reading {settings.model}")
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._device = "cpu"
+        # Held by the worker thread of the running generation, so the next one starts only once it has stopped.
+        self._busy = threading.Lock()
+        self._stops: dict[str, threading.Event] = {}  # every request inside generate(), waiting or running
+
+    def status(self) -> EngineStatus:
+        return self._status
+
+    async def start(self) -> None:
+        # Only thread-safe state is built here: start() and generate() may run on different event loops.
+        try:
+            await asyncio.to_thread(self._load)
+        except Exception as e:
+            reason = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
+            self._status = EngineStatus(Stage.FAILED, reason)
+            raise EngineError(reason) from e
+        self._status = EngineStatus(Stage.READY, f"bf16 on {self._device}")
+
+    def _load(self) -> None:
+        checkpoint = model_source.resolve(
+            self.settings.model,
+            lambda fraction, detail: setattr(self, "_status", EngineStatus(Stage.DOWNLOADING, detail, fraction)),
+        )
+        path = checkpoint.path
+        try:
+            config = AutoConfig.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as e:
+            raise EngineError(
+                f"Could not read the checkpoint at {str(path)!r} ({e}). Pass --model with a Gemma 4 "
+                "checkpoint folder."
+            ) from e
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._status = EngineStatus(Stage.LOADING, f"loading weights (bf16 on {self._device})")
+        # For Gemma 4 this is Gemma4ForConditionalGeneration, vision tower included.
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.bfloat16)
+        self._model = model.to(self._device).eval()
+        self._tokenizer = tokenizer
+
+    def _ready(self) -> tuple[Any, Any]:
+        if self._model is None:
+            raise EngineError(f"The engine is not ready: {self._status.stage.value} {self._status.detail}")
+        return self._model, self._tokenizer
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        model, tokenizer = self._ready()
+        clock = RequestClock()
+        stop = threading.Event()
+        self._stops[request.request_id] = stop
+        try:
+            prompt, inputs = model_inputs(tokenizer, request)
+            clock.prompt_tokens = inputs["input_ids"].shape[1]
+            while not self._busy.acquire(blocking=False):
+                if stop.is_set():
+                    yield Delta(finish_reason="abort", metrics=clock.metrics())
+                    return
+                await asyncio.sleep(_POLL_S)
+
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[tuple[str, Any, float]] = asyncio.Queue()
+
+            def emit(kind: str, value: Any) -> None:
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (kind, value, time.perf_counter()))
+                except RuntimeError:  # the request's loop is closed: nobody is listening any more
+                    stop.set()
+
+            eos_ids = _eos_ids(model)
+            worker = threading.Thread(
+                target=self._generate_in_thread,
+                args=(model, inputs.to(self._device), request.sampling, stop, emit),
+                name=f"transformers-generate-{request.request_id[:8]}",
+                daemon=True,
+            )
+            try:
+                worker.start()
+            except BaseException:
+                self._busy.release()
+                raise
+
+            detokenizer = _Detokenizer(tokenizer, skip=eos_ids)
+            splitter = ReasoningSplitter(prompt)
+            while True:
+                kind, value, at = await events.get()
+                if kind == "error":
+                    raise EngineError(f"Generation failed: {type(value).__name__}: {value}") from value
+                if kind == "end":
+                    break
+                clock.tokens_arrived(len(value), now=at)
+                reasoning, text = splitter.feed(detokenizer.add(value))
+                if reasoning or text:
+                    yield Delta(text, reasoning, None, clock.metrics())
+
+            reasoning, text = splitter.feed(detokenizer.add([], final=True))
+            tail_reasoning, tail_text = splitter.flush()
+            ids = detokenizer.generated
+            if ids and ids[-1] in eos_ids:
+                finish = "stop"
+            elif stop.is_set():
+                finish = "abort"
+            else:
+                finish = "length"  # max_tokens, or the model's own length limit
+            yield Delta(text + tail_text, reasoning + tail_reasoning, finish, clock.metrics())
+        finally:
+            stop.set()  # a consumer that stops early (aclose, cancellation) stops the worker
+            self._stops.pop(request.request_id, None)
+
+    def _generate_in_thread(
+        self,
+        model: Any,
+        inputs: BatchEncoding,
+        sampling: SamplingOptions,
+        stop: threading.Event,
+        emit: Callable[[str, Any], None],
+    ) -> None:
+        try:
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)  # the global generator: safe while one generation runs at a time
+            processors = LogitsProcessorList()
+            if sampling.presence_penalty:
+                processors.append(_PresencePenalty(sampling.presence_penalty, inputs["input_ids"].shape[1]))
+            model.generate(
+                **inputs,
+                streamer=_TokenStreamer(emit),
+                stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                logits_processor=processors,
+                **generate_kwargs(sampling),
+            )
+            emit("end", None)
+        except Exception as e:
+            emit("error", e)
+        finally:
+            self._busy.release()
+
+    async def abort(self, request_id: str) -> None:
+        if (stop := self._stops.get(request_id)) is not None:
+            stop.set()
+
+    def stats(self) -> EngineStats:
+        running = 1 if self._busy.locked() else 0
+        used = total = None
+        if self._device == "cuda":
+            free, total_bytes = torch.cuda.mem_get_info()
+            used, total = (total_bytes - free) / 2**30, total_bytes / 2**30
+        return EngineStats(
+            running=running,
+            waiting=max(len(self._stops) - running, 0),
+            gpu_memory_used_gib=used,
+            gpu_memory_total_gib=total,
+        )
+
+    async def shutdown(self) -> None:
+        for stop in list(self._stops.values()):
+            stop.set()
+        while self._busy.locked():  # the running generation stops after its current token
+            await asyncio.sleep(_POLL_S)
+        self._model = self._tokenizer = None
+
+
+def model_inputs(tokenizer: Any, request: GenerationRequest) -> tuple[str, BatchEncoding]:
+    """The prompt text and generate()'s inputs for it. The one place where images and videos will be wired in."""
+    for message in request.messages:
+        for part in content_parts(message["content"]):
+            if part["type"] != "text":
+                raise EngineError(f"The transformers backend does not take {part['type']} input yet; send text only.")
+    prompt = render_chat(tokenizer, request.messages, enable_thinking=request.enable_thinking)
+    # The template writes <bos> itself.
+    return prompt, tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+
+
+def generate_kwargs(sampling: SamplingOptions) -> dict[str, Any]:
+    """SamplingOptions as `generate()` arguments; they override the checkpoint's generation_config."""
+    kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "repetition_penalty": sampling.repetition_penalty}
+    if sampling.temperature <= 0:
+        return kwargs | {"do_sample": False}  # greedy; the checkpoint's top_p/top_k then go unused
+    return kwargs | {
+        "do_sample": True,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": max(sampling.top_k, 0),  # 0 turns top-k off, as -1 does in vLLM
+    }
+
+
+def _eos_ids(model: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+class _Detokenizer:
+    """Decodes the growing reply and returns what is new, holding back a trailing half UTF-8 character.
+
+    Special tokens stay in the text (the reasoning splitter needs Gemma 4's channel markers) except
+    `skip`, the end-of-turn ids that only stop generation.
+    """
+
+    def __init__(self, tokenizer: Any, skip: set[int]):
+        self._tokenizer = tokenizer
+        self._skip = skip
+        self.generated: list[int] = []
+        self._shown: list[int] = []
+        self._sent = 0
+
+    def add(self, ids: list[int], final: bool = False) -> str:
+        self.generated += ids
+        self._shown += [i for i in ids if i not in self._skip]
+        text = self._tokenizer.decode(self._shown, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        new = text[self._sent :]
+        if not final:
+            new = new.rstrip("\ufffd")  # bytes of a character whose rest is in the next token
+        self._sent += len(new)
+        return new
+
+
+class _TokenStreamer(BaseStreamer):
+    """generate()'s streamer: passes each new token id on; the first put() is the prompt, skipped."""
+
+    def __init__(self, emit: Callable[[str, Any], None]):
+        self._emit = emit
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self._emit("tokens", value.view(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation after the current token once the request's stop flag is set (abort)."""
+
+    def __init__(self, stop: threading.Event):
+        self._stop = stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self._stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _PresencePenalty(LogitsProcessor):
+    """Presence penalty as vLLM and OpenAI define it (transformers has none): `penalty` off each token in the reply."""
+
+    def __init__(self, penalty: float, prompt_length: int):
+        self._penalty = penalty
+        self._prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        reply = input_ids[:, self._prompt_length :]
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, reply, True)
+        return scores - self._penalty * seen
