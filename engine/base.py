@@ -2,6 +2,7 @@
 
 The UI and the benchmark only ever see these types; nothing here imports a backend.
 """
+
 from __future__ import annotations
 
 import enum
@@ -46,6 +47,7 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: generate exactly max_tokens (vLLM backend)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class GenerationRequest:
     messages: list[dict[str, Any]]
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     enable_thinking: bool = False
+    image_soft_tokens: int | None = None  # Gemma 4's per-image token budget (70..1120); None: the model's own
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

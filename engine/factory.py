@@ -1,4 +1,5 @@
 """Pick and build the backend the settings ask for; `auto` prefers vLLM on an NVIDIA GPU."""
+
 from __future__ import annotations
 
 import importlib.util

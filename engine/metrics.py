@@ -1,4 +1,5 @@
 """Time to first token and decode speed, measured the same way for every backend."""
+
 from __future__ import annotations
 
 import time

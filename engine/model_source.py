@@ -1,4 +1,5 @@
 """Find the checkpoint: a local folder or a hub id (downloaded with progress), then check it is Gemma 4."""
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from engine.base import EngineError
 log = logging.getLogger(__name__)
 
 GEMMA4_ARCHITECTURES = {"Gemma4ForConditionalGeneration", "Gemma4ForCausalLM"}
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 Progress = Callable[[float | None, str], None]  # (fraction done or None, what is happening)
 
 
@@ -20,7 +22,7 @@ class Checkpoint:
     path: Path
     architecture: str
     quant_algo: str | None  # "NVFP4" for the ModelOpt checkpoint, None for BF16
-    has_vision: bool
+    has_vision: bool  # a vision tower and the processor files that image and video prompts need
     context_length: int  # the text model's max_position_embeddings
 
     @property
@@ -46,7 +48,9 @@ def download(repo_id: str, progress: Progress) -> Path:
     try:
         return Path(snapshot_download(repo_id, tqdm_class=_reporting_tqdm(progress)))
     except RepositoryNotFoundError as e:
-        raise EngineError(f"{repo_id} was not found on the Hugging Face hub (or needs a token: `hf auth login`).") from e
+        raise EngineError(
+            f"{repo_id} was not found on the Hugging Face hub (or needs a token: `hf auth login`)."
+        ) from e
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise EngineError(
             f"Could not download {repo_id}: the hub is unreachable and no complete copy is cached ({e}). "
@@ -60,11 +64,18 @@ def _reporting_tqdm(progress: Progress):
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     class ReportingTqdm(hf_tqdm):
+        # Counts by itself: a disabled tqdm (no terminal, HF_HUB_DISABLE_PROGRESS_BARS) keeps no counters.
+        def __init__(self, *args, **kwargs):
+            self.counts_bytes = kwargs.get("unit") == "B"
+            self.done = kwargs.get("initial") or 0
+            super().__init__(*args, **kwargs)
+
         def update(self, n=1):
-            done = super().update(n)
-            if self.unit == "B" and self.total:
-                progress(min(self.n / self.total, 1.0), f"downloading {self.n / 2**30:.2f} of {self.total / 2**30:.2f} GiB")
-            return done
+            self.done += n or 0
+            total = getattr(self, "total", None)
+            if self.counts_bytes and total:
+                progress(min(self.done / total, 1.0), f"downloading {self.done / 2**30:.2f} of {total / 2**30:.2f} GiB")
+            return super().update(n)
 
     return ReportingTqdm
 
@@ -97,6 +108,6 @@ def inspect(path: Path, *, weights: bool = True) -> Checkpoint:
         path=path,
         architecture=sorted(architectures & GEMMA4_ARCHITECTURES)[0],
         quant_algo=quant_algo,
-        has_vision=config.get("vision_config") is not None,
+        has_vision=config.get("vision_config") is not None and any((path / f).is_file() for f in PROCESSOR_FILES),
         context_length=int((config.get("text_config") or config).get("max_position_embeddings", 0)),
     )

@@ -1,4 +1,5 @@
 """Everything a backend needs to start, filled from the CLI (app.py) or by tests and the benchmark."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

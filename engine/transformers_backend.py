@@ -74,8 +74,7 @@ class TransformersEngine:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as e:
             raise EngineError(
-                f"Could not read the checkpoint at {str(path)!r} ({e}). Pass --model with a Gemma 4 "
-                "checkpoint folder."
+                f"Could not read the checkpoint at {str(path)!r} ({e}). Pass --model with a Gemma 4 checkpoint folder."
             ) from e
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         self._status = EngineStatus(Stage.LOADING, f"loading weights (bf16 on {self._device})")

@@ -1,0 +1,76 @@
+"""VllmEngine on a real GPU: the tiny checkpoint in BF16 and the full Gemma 4 26B-A4B shapes in NVFP4.
+
+Run on the device machine: `python -m pytest -m gpu tests/test_gpu_vllm.py -s` prints TTFT and tok/s.
+"""
+
+import asyncio
+
+import pytest
+
+from bench.checkpoints import write_full_size_checkpoint
+from engine.base import GenerationRequest, SamplingOptions, Stage
+from engine.settings import EngineSettings
+from engine.vllm_backend import VllmEngine
+
+pytestmark = pytest.mark.gpu
+
+
+async def stream_one_reply(engine, prompt: str, max_tokens: int, ignore_eos: bool = False):
+    request = GenerationRequest(
+        [{"role": "user", "content": prompt}],
+        SamplingOptions(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos),
+    )
+    deltas = [delta async for delta in engine.generate(request)]
+    return deltas, deltas[-1].metrics
+
+
+async def started(settings: EngineSettings) -> VllmEngine:
+    engine = VllmEngine(settings)
+    await engine.start()
+    assert engine.status().stage is Stage.READY
+    return engine
+
+
+async def test_tiny_bf16_streams_a_reply_with_metrics_and_stops_on_close(tiny_model_dir):
+    engine = await started(EngineSettings(model=str(tiny_model_dir), max_model_len=2048, gpu_memory_utilization=0.3))
+    try:
+        deltas, metrics = await stream_one_reply(engine, "Tell me a story.", max_tokens=200)
+        assert len(deltas) > 1 and deltas[-1].finish_reason in {"stop", "length"}
+        assert metrics.ttft_s > 0 and metrics.output_tokens == len(deltas)
+        print(
+            f"\ntiny bf16: TTFT {metrics.ttft_s * 1000:.1f} ms, {metrics.decode_tok_s:.0f} tok/s, "
+            f"{metrics.output_tokens} tokens; notes: {engine.notes}"
+        )
+
+        request = GenerationRequest([{"role": "user", "content": "again"}], SamplingOptions(max_tokens=2000))
+        stream = engine.generate(request)
+        await anext(stream)
+        await stream.aclose()  # what the UI's stop button does
+        for _ in range(50):
+            if engine.stats().running == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert engine.stats().running == 0, "closing the stream must abort the request in vLLM"
+    finally:
+        await engine.shutdown()
+
+
+async def test_full_size_nvfp4_with_dummy_weights(tiny_vision_model_dir, tmp_path):
+    folder = write_full_size_checkpoint(
+        tmp_path / "gemma4-26b-a4b-nvfp4", tokenizer_from=tiny_vision_model_dir, nvfp4=True
+    )
+    engine = await started(EngineSettings(model=str(folder), load_format="dummy"))
+    try:
+        prompt = " ".join(f"word{i}" for i in range(300))
+        await stream_one_reply(engine, prompt, max_tokens=16)  # warm-up
+        deltas, metrics = await stream_one_reply(engine, prompt, max_tokens=1000, ignore_eos=True)
+        stats = engine.stats()
+        print(
+            f"\n26B-A4B NVFP4 dummy: prompt {metrics.prompt_tokens} tokens, TTFT {metrics.ttft_s * 1000:.1f} ms, "
+            f"decode {metrics.decode_tok_s:.1f} tok/s over {metrics.output_tokens} tokens; "
+            f"context {engine.max_model_len}; GPU memory {stats.gpu_memory_used_gib:.1f}/"
+            f"{stats.gpu_memory_total_gib:.1f} GiB; notes: {engine.notes}"
+        )
+        assert metrics.output_tokens == 1000 and metrics.decode_tok_s > 0
+    finally:
+        await engine.shutdown()

@@ -1,0 +1,135 @@
+"""The vLLM backend's choices, checked on CPU against vLLM's real config classes."""
+
+import dataclasses
+import types
+
+import pytest
+
+from engine import model_source, vllm_backend
+from engine.base import SamplingOptions, Stage
+from engine.settings import EngineSettings
+from engine.vllm_backend import GpuFacts, LoadWatcher, engine_args, request_metrics, sampling_params, split_media
+
+HOPPER = GpuFacts((9, 0), "NVIDIA H100")
+B200 = GpuFacts((10, 0), "NVIDIA B200")
+SPARK = GpuFacts((12, 1), "NVIDIA GB10")
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    return model_source.inspect(tiny_model_dir)
+
+
+def test_the_tiny_checkpoint_builds_a_vllm_model_config(tiny):
+    notes = []
+    args = engine_args(EngineSettings(model=str(tiny.path), max_model_len=512), tiny, HOPPER, notes)
+    config = args.create_model_config()
+    assert config.max_model_len == 512
+    assert "Gemma4ForConditionalGeneration" in config.architectures
+    assert args.kv_cache_dtype == "fp8" and args.max_num_seqs == 4 and args.gpu_memory_utilization == 0.85
+
+
+def test_asking_for_the_full_context_lets_vllm_fit_it_to_the_kv_cache(tiny):
+    args = engine_args(EngineSettings(model=str(tiny.path)), tiny, HOPPER, [])
+    assert args.max_model_len == vllm_backend.AUTO_FIT
+
+
+NVFP4 = dict(quant_algo="NVFP4")
+
+
+@pytest.mark.parametrize("gpu,kernel", [(HOPPER, "marlin"), (SPARK, "marlin"), (B200, None)])
+def test_nvfp4_uses_marlin_where_the_gpu_has_no_usable_fp4_path(tiny, gpu, kernel):
+    notes = []
+    args = engine_args(EngineSettings(), dataclasses.replace(tiny, **NVFP4), gpu, notes)
+    assert args.quantization == "modelopt"
+    assert (args.moe_backend == "marlin") == (kernel == "marlin")
+    assert (args.linear_backend == "marlin") == (kernel == "marlin")
+    assert any("Marlin" in note for note in notes) == (kernel == "marlin")
+
+
+def test_explicit_kernels_win_over_the_per_gpu_choice(tiny):
+    settings = EngineSettings(moe_backend="cutlass", linear_backend="cutlass")
+    args = engine_args(settings, dataclasses.replace(tiny, **NVFP4), HOPPER, [])
+    assert (args.moe_backend, args.linear_backend) == ("cutlass", "cutlass")
+
+
+def test_the_seeds_gemm_env_var_still_selects_marlin_for_linear_layers(tiny, monkeypatch):
+    monkeypatch.setenv("VLLM_NVFP4_GEMM_BACKEND", "marlin")
+    args = engine_args(EngineSettings(), dataclasses.replace(tiny, **NVFP4), B200, [])
+    assert args.linear_backend == "marlin"
+
+
+def test_triton_attention_when_flash_attention_4_cannot_run(tiny, monkeypatch):
+    monkeypatch.setattr(vllm_backend, "flash_attention_4_usable", lambda: False)
+    notes = []
+    assert engine_args(EngineSettings(), tiny, HOPPER, notes).attention_backend == "TRITON_ATTN"
+    assert any("FlashAttention 4" in note for note in notes)
+    monkeypatch.setattr(vllm_backend, "flash_attention_4_usable", lambda: True)
+    assert engine_args(EngineSettings(), tiny, HOPPER, []).attention_backend is None
+
+
+def test_sampling_streams_deltas_and_keeps_gemmas_thinking_markers():
+    params = sampling_params(SamplingOptions(temperature=0.0, top_k=-1, seed=7, max_tokens=9))
+    assert params.skip_special_tokens is False
+    assert params.output_kind.name == "DELTA"
+    assert (params.top_k, params.seed, params.max_tokens) == (0, 7, 9)
+
+
+def test_request_metrics_come_from_vllms_request_stats(monkeypatch):
+    stats = types.SimpleNamespace(
+        first_token_latency=0.05,
+        num_generation_tokens=101,
+        first_token_ts=100.0,
+        last_token_ts=100.5,
+        arrival_time=50.0,
+    )
+    monkeypatch.setattr(vllm_backend.time, "time", lambda: 51.0)
+    metrics = request_metrics(stats, prompt_tokens=512)
+    assert metrics.ttft_s == 0.05
+    assert metrics.decode_tok_s == pytest.approx(200.0)
+    assert (metrics.prompt_tokens, metrics.output_tokens, metrics.elapsed_s) == (512, 101, 1.0)
+
+
+def test_load_milestones_in_vllms_log_become_stages():
+    seen, notes = [], []
+    watcher = LoadWatcher(seen.append, notes)
+    watcher.feed("INFO 11-28 [gpu_model_runner.py:5251] Starting to load model /m...")
+    watcher.feed("INFO 11-28 [gpu_model_runner.py:5348] Model loading took 14.8 GiB memory and 20.1 seconds")
+    watcher.feed("INFO 11-28 [kv_cache_utils.py:1984] Auto-fit max_model_len: reduced from 262144 to 131072 to fit")
+    watcher.feed("INFO 11-28 [kv_cache_utils.py:2177] GPU KV cache size: 4,600,000 tokens")
+    assert [status.stage for status in seen] == [Stage.LOADING, Stage.COMPILING, Stage.COMPILING]
+    assert "14.8 GiB" in seen[1].detail and "4,600,000" in seen[2].detail
+    assert notes == ["context lowered from 262,144 to 131,072 tokens to fit the KV cache"]
+
+
+def test_media_parts_become_placeholders_and_multimodal_data():
+    image = object()
+    clip = types.SimpleNamespace(vllm_video_item=lambda: ("frames", {"fps": 1.0}))
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": image},
+                {"type": "text", "text": "and this?"},
+                {"type": "video", "video": clip},
+            ],
+        },
+    ]
+    rendered, media = split_media(messages)
+    assert rendered[0] == messages[0]
+    assert rendered[1]["content"] == [{"type": "image"}, {"type": "text", "text": "and this?"}, {"type": "video"}]
+    assert media == {"image": [image], "video": [("frames", {"fps": 1.0})]}
+
+
+def test_a_checkpoint_without_processor_files_runs_text_only(tiny):
+    assert not tiny.has_vision
+    assert engine_args(EngineSettings(), tiny, HOPPER, []).language_model_only is True
+
+
+def test_a_vision_checkpoint_gets_the_apps_media_limits(tiny_vision_model_dir):
+    checkpoint = model_source.inspect(tiny_vision_model_dir)
+    assert checkpoint.has_vision
+    args = engine_args(EngineSettings(max_images_per_prompt=3), checkpoint, HOPPER, [])
+    assert args.limit_mm_per_prompt == {"image": 3, "video": 1}
+    assert args.language_model_only is False
