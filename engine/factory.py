@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from engine.base import Engine, EngineError
 from engine.settings import EngineSettings
 
 
 def cuda_available() -> bool:
+    # Ask NVML, not the CUDA runtime: torch's runtime check poisons fork(), and vLLM forks its engine.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     try:
         import torch
     except ImportError:

@@ -47,9 +47,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
-    import torch  # only when a gpu test was collected: the import costs seconds
+    from engine.factory import cuda_available  # only when a gpu test was collected: torch costs seconds
 
-    if torch.cuda.is_available():
+    if cuda_available():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU visible to torch")
     for item in gpu_items:

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import app
+from engine import factory
+from engine.settings import EngineSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FLAG_DEFAULTS = {
+    "--model": EngineSettings().model,
+    "--backend": "auto",
+    "--base-url": "None",
+    "--api-key": "None",
+    "--host": "127.0.0.1",
+    "--port": "7860",
+    "--share": "False",
+    "--auth": "None",
+    "--max-model-len": "262144",
+    "--kv-cache-dtype": "fp8",
+    "--gpu-memory-utilization": "0.85",
+    "--max-num-seqs": "4",
+    "--tensor-parallel-size": "1",
+    "--quantization": "None",
+    "--moe-backend": "None",
+    "--linear-backend": "None",
+    "--attention-backend": "None",
+    "--no-browser": "False",
+    "--load-format": "auto",
+    "--log-level": "info",
+}
+
+
+def test_defaults_are_the_engine_settings_defaults():
+    ns = app.parse_args([])
+    assert app.settings_from_args(ns) == EngineSettings()
+    assert (ns.host, ns.port, ns.share, ns.auth, ns.no_browser, ns.log_level) == (
+        "127.0.0.1",
+        7860,
+        False,
+        None,
+        False,
+        "info",
+    )
+
+
+def test_every_engine_flag_reaches_the_settings():
+    ns = app.parse_args(
+        [
+            "--model",
+            "/models/gemma",
+            "--backend",
+            "openai",
+            "--base-url",
+            "http://spark:8000/v1",
+            "--api-key",
+            "sk-1",
+            "--max-model-len",
+            "32768",
+            "--kv-cache-dtype",
+            "auto",
+            "--gpu-memory-utilization",
+            "0.9",
+            "--max-num-seqs",
+            "8",
+            "--tensor-parallel-size",
+            "2",
+            "--quantization",
+            "modelopt",
+            "--moe-backend",
+            "marlin",
+            "--linear-backend",
+            "cutlass",
+            "--attention-backend",
+            "TRITON_ATTN",
+        ]
+    )
+    assert app.settings_from_args(ns) == EngineSettings(
+        model="/models/gemma",
+        backend="openai",
+        base_url="http://spark:8000/v1",
+        api_key="sk-1",
+        max_model_len=32768,
+        kv_cache_dtype="auto",
+        gpu_memory_utilization=0.9,
+        max_num_seqs=8,
+        tensor_parallel_size=2,
+        quantization="modelopt",
+        moe_backend="marlin",
+        linear_backend="cutlass",
+        attention_backend="TRITON_ATTN",
+    )
+
+
+def test_max_model_len_auto_means_the_models_own():
+    assert app.settings_from_args(app.parse_args(["--max-model-len", "auto"])).max_model_len is None
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "lots"])
+def test_max_model_len_rejects_nonsense(bad):
+    with pytest.raises(SystemExit):
+        app.parse_args(["--max-model-len", bad])
+
+
+def test_server_flags():
+    ns = app.parse_args(["--host", "0.0.0.0", "--port", "8080", "--share", "--no-browser", "--log-level", "debug"])
+    assert (ns.host, ns.port, ns.share, ns.no_browser, ns.log_level) == ("0.0.0.0", 8080, True, True, "debug")
+
+
+def test_auth_is_repeatable_and_splits_at_the_first_colon():
+    ns = app.parse_args(["--auth", "ann:secret", "--auth", "bob:pa:ss"])
+    assert ns.auth == [("ann", "secret"), ("bob", "pa:ss")]
+
+
+@pytest.mark.parametrize("bad", ["nopassword", ":pass", "user:"])
+def test_auth_needs_user_and_password(bad, capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(["--auth", bad])
+    assert "USER:PASS" in capsys.readouterr().err
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(SystemExit):
+        app.parse_args(["--backend", "llamacpp"])
+
+
+def test_help_lists_every_flag_with_its_default():
+    out = subprocess.run(
+        [sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    options = out.split("\noptions:\n", 1)[1]
+    entries = {}
+    for chunk in re.split(r"\n  (?=-)", "\n" + options)[1:]:  # one chunk per option, help lines included
+        words = " ".join(chunk.split())
+        entries[words.split()[0].rstrip(",")] = words
+    assert set(entries) == {"-h", *FLAG_DEFAULTS}
+    for flag, default in FLAG_DEFAULTS.items():
+        # argparse wraps long defaults at hyphens; join the pieces back before comparing.
+        assert f"(default: {default})" in entries[flag].replace("- ", "-"), flag
+
+
+def test_a_backend_that_cannot_run_exits_2_with_the_reason(monkeypatch, capsys):
+    monkeypatch.setattr(factory, "cuda_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--backend", "auto", "--no-browser"])
+    assert exit_info.value.code == 2
+    assert "error: --backend auto picks vLLM, but no CUDA GPU is visible" in capsys.readouterr().err

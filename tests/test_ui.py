@@ -1,0 +1,314 @@
+"""UI wiring against an in-test Engine double: the chat function, the rendering helpers, the /chat API."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from gradio_client import Client
+
+from chat import ui
+from chat.conversation import Reply
+from engine.base import (
+    Delta,
+    EngineError,
+    EngineStats,
+    EngineStatus,
+    GenerationRequest,
+    Metrics,
+    Stage,
+)
+from engine.settings import EngineSettings
+
+CHAT_DEFAULTS = ("", False, 2048, 1.0, 0.95, 64, 1.0, 0.0, -1, [])  # the additional inputs, replies last
+
+
+class FakeEngine:
+    """Streams `w0 w1 ...` with optional thoughts, one token every `token_s`; records what it was asked."""
+
+    name = "fake"
+    model = "fake/gemma"
+
+    def __init__(
+        self,
+        stage: Stage = Stage.READY,
+        detail: str = "",
+        progress: float | None = None,
+        token_s: float = 0.0,
+        fail_after: int | None = None,
+    ):
+        self._status = EngineStatus(stage, detail, progress)
+        self.token_s = token_s
+        self.fail_after = fail_after
+        self.requests: list[GenerationRequest] = []
+        self.closed_early: list[str] = []
+
+    def status(self) -> EngineStatus:
+        return self._status
+
+    async def start(self) -> None:
+        self._status = EngineStatus(Stage.READY)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        self.requests.append(request)
+        n = request.sampling.max_tokens
+        thoughts = 2 if request.enable_thinking else 0
+        finished = False
+        try:
+            for i in range(n):
+                await asyncio.sleep(self.token_s)
+                if i == self.fail_after:
+                    raise EngineError("GPU fell off the bus")
+                last = i == n - 1
+                metrics = Metrics(
+                    ttft_s=0.05,
+                    prompt_tokens=7,
+                    output_tokens=i + 1,
+                    decode_tok_s=None if i == 0 else 50.0,
+                    elapsed_s=0.05 + i * 0.02,
+                )
+                if i < thoughts:
+                    yield Delta(reasoning=f"t{i} ", finish_reason="length" if last else None, metrics=metrics)
+                else:
+                    yield Delta(text=f"w{i} ", finish_reason="length" if last else None, metrics=metrics)
+            finished = True
+        finally:
+            if not finished:
+                self.closed_early.append(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.closed_early.append(request_id)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            kv_cache_usage=0.25, running=1, waiting=0, gpu_memory_used_gib=70.0, gpu_memory_total_gib=80.0
+        )
+
+    async def shutdown(self) -> None:
+        pass
+
+
+async def run_chat(engine: FakeEngine, text: str = "Hi", history: list | None = None, *inputs) -> list[tuple]:
+    chat = ui.make_chat_fn(engine)
+    args = list(CHAT_DEFAULTS)
+    args[: len(inputs)] = inputs
+    return [out async for out in chat({"text": text, "files": []}, history or [], *args)]
+
+
+def titles(messages: list[dict]) -> list[str | None]:
+    return [(m.get("metadata") or {}).get("title") for m in messages]
+
+
+def texts(messages: list[dict]) -> list[str]:
+    return [m["content"][0]["text"] for m in messages]
+
+
+async def test_a_reply_streams_with_live_metrics_and_ends_with_its_stats():
+    engine = FakeEngine()
+    outs = await run_chat(engine, "Hi", None, "Be brief.", False, 5)
+    messages, ttft, tok_s, tokens, replies = outs[-1]
+    assert texts(messages)[0] == "w0 w1 w2 w3 w4 "
+    assert titles(messages) == [None, "TTFT 0.05 s · 50.0 tok/s · 5 tokens"]
+    assert (ttft, tok_s, tokens) == (0.05, 50.0, 5)
+    assert replies == [{"ttft_s": 0.05, "decode_tok_s": 50.0, "output_tokens": 5}]
+    request = engine.requests[0]
+    assert request.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert request.sampling.max_tokens == 5 and request.sampling.seed is None
+
+
+async def test_updates_are_throttled_but_keep_coming_while_streaming(monkeypatch):
+    monkeypatch.setattr(ui, "UI_REFRESH_S", 0.02)
+    outs = await run_chat(FakeEngine(token_s=0.005), "Hi", None, "", False, 40)
+    assert 3 <= len(outs) < 40
+    assert all(o[-1] == ui.gr.skip() for o in outs[:-1])  # the plots change once, at the end
+
+
+async def test_sampling_controls_reach_the_request():
+    engine = FakeEngine()
+    await run_chat(engine, "Hi", None, "", True, 3, 0.7, 0.9, 20, 1.1, 0.5, 1234)
+    request = engine.requests[0]
+    assert request.enable_thinking
+    s = request.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.max_tokens, s.repetition_penalty, s.presence_penalty, s.seed) == (
+        0.7,
+        0.9,
+        20,
+        3,
+        1.1,
+        0.5,
+        1234,
+    )
+
+
+async def test_thoughts_are_shown_collapsed_above_the_answer():
+    messages = (await run_chat(FakeEngine(), "Hi", None, "", True, 4))[-1][0]
+    assert titles(messages)[:2] == ["Thinking", None]
+    assert messages[0]["metadata"]["status"] == "done"
+    assert texts(messages)[:2] == ["t0 t1 ", "w2 w3 "]
+
+
+def test_thinking_is_pending_until_the_answer_starts():
+    reply = Reply()
+    reply.add(Delta(reasoning="hmm", metrics=Metrics(output_tokens=1)))
+    assert ui.reply_messages(reply, done=False)[0]["metadata"]["status"] == "pending"
+    reply.add(Delta(text="A", metrics=Metrics(output_tokens=2, elapsed_s=1.23)))
+    thinking = ui.reply_messages(reply, done=False)[0]["metadata"]
+    assert thinking == {"title": "Thinking", "status": "done", "duration": 1.2}
+
+
+async def test_the_ui_annotations_of_earlier_replies_stay_out_of_the_next_prompt():
+    engine = FakeEngine()
+    first = await run_chat(engine, "Hi", None, "", True, 4)
+    history = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, *first[-1][0]]
+    await run_chat(engine, "More", history, "", False, 2)
+    assert engine.requests[1].messages == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "w2 w3 "},
+        {"role": "user", "content": "More"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("engine", "title"),
+    [
+        (
+            FakeEngine(Stage.LOADING, "shard 3/7", 0.42),
+            "⏳ The engine is still loading: loading weights 42%: shard 3/7",
+        ),
+        (FakeEngine(Stage.FAILED, "no GPU"), "❌ The engine failed to load"),
+    ],
+)
+async def test_no_request_is_sent_before_the_engine_is_ready(engine, title):
+    outs = await run_chat(engine)
+    assert len(outs) == 1
+    messages = outs[0][0]
+    assert titles(messages) == [title]
+    if engine.status().failed:
+        assert texts(messages) == ["no GPU"]
+    assert engine.requests == []
+
+
+async def test_an_engine_error_keeps_the_partial_answer_and_says_what_happened():
+    messages, *_ = (await run_chat(FakeEngine(fail_after=3), "Hi", None, "", False, 10))[-1]
+    assert texts(messages)[0] == "w0 w1 w2 "
+    assert titles(messages)[1] == "⚠️ The engine failed mid-reply: GPU fell off the bus"
+    assert "partial answer above is kept" in texts(messages)[1]
+
+
+async def test_attachments_are_answered_with_a_note_and_not_sent():
+    engine = FakeEngine()
+    chat = ui.make_chat_fn(engine)
+    outs = [o async for o in chat({"text": "what?", "files": ["/tmp/cat.png"]}, [], *CHAT_DEFAULTS)]
+    assert "attachments are not supported yet (cat.png)" in titles(outs[0][0])[0]
+    assert engine.requests == []
+
+
+async def test_an_empty_message_is_not_sent():
+    engine = FakeEngine()
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    for past in ([], history):
+        outs = await run_chat(engine, "", past)
+        assert titles(outs[0][0]) == ["⚠️ Nothing to send: the message is empty"]
+    assert engine.requests == []
+
+
+async def test_closing_the_chat_generator_closes_the_engine_stream():
+    engine = FakeEngine(token_s=0.001)
+    chat = ui.make_chat_fn(engine)
+    gen = chat({"text": "Hi", "files": []}, [], "", False, 10_000, *CHAT_DEFAULTS[3:])
+    await anext(gen)
+    await gen.aclose()
+    assert engine.closed_early == [engine.requests[0].request_id]
+
+
+async def test_cancelling_the_task_closes_the_engine_stream():
+    # What Gradio's stop does while the generator is awaiting the engine: cancel the task.
+    engine = FakeEngine(token_s=0.001)
+    chat = ui.make_chat_fn(engine)
+
+    async def consume():
+        async for _ in chat({"text": "Hi", "files": []}, [], "", False, 10_000, *CHAT_DEFAULTS[3:]):
+            pass
+
+    task = asyncio.create_task(consume())
+    while not engine.requests:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.closed_early == [engine.requests[0].request_id]
+
+
+def test_status_html_shows_stage_progress_and_failure_reason():
+    engine = FakeEngine()
+    loading = ui.status_html(engine, EngineStatus(Stage.DOWNLOADING, "model-00001.safetensors", 0.5))
+    assert "downloading 50%" in loading and '<progress value="0.500"' in loading
+    assert "<progress></progress>" in ui.status_html(engine, EngineStatus(Stage.COMPILING, "graphs"))
+    failed = ui.status_html(engine, EngineStatus(Stage.FAILED, "CUDA <OOM>"))
+    assert "failed" in failed and "CUDA &lt;OOM&gt;" in failed and "<progress" not in failed
+
+
+def test_stats_markdown_handles_backends_that_report_nothing():
+    full = ui.stats_markdown(EngineStats(0.25, 1, 2, 70.04, 79.6))
+    assert "25.0%" in full and "1 / 2" in full and "70.0 / 79.6 GiB" in full
+    assert ui.stats_markdown(EngineStats(running=0, waiting=0)).count("–") == 2
+    assert "no load or memory stats" in ui.stats_markdown(EngineStats())
+
+
+def test_replies_frame_numbers_the_replies():
+    frame = ui.replies_frame([{"ttft_s": 0.1, "decode_tok_s": 40.0}, {"ttft_s": 0.2, "decode_tok_s": None}])
+    assert list(frame["reply"]) == [1, 2] and list(frame.columns) == ["reply", "TTFT (s)", "tok/s"]
+    assert ui.replies_frame([]).empty
+
+
+def test_the_chat_api_takes_the_message_then_the_settings():
+    demo = ui.build_ui(FakeEngine(), EngineSettings())
+    endpoint = demo.get_api_info()["named_endpoints"]["/chat"]
+    names = [p["parameter_name"] for p in endpoint["parameters"]]
+    assert names == [
+        "message",
+        "system_prompt",
+        "enable_thinking",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "presence_penalty",
+        "seed",
+    ]
+    assert all(p["parameter_has_default"] for p in endpoint["parameters"])
+    assert [r["label"] for r in endpoint["returns"]] == ["Response", "TTFT (s)", "tok/s", "tokens"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_stop_through_the_api_aborts_the_engine_request():
+    engine = FakeEngine(token_s=0.005)
+    demo = ui.build_ui(engine, EngineSettings())
+    demo.queue(default_concurrency_limit=2)
+    demo.launch(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        job = client.submit({"text": "Hi", "files": []}, max_tokens=10_000, api_name="/chat")
+        deadline = time.monotonic() + 30
+        while not job.outputs() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.outputs(), "no streamed update"
+        job.cancel()
+        while not engine.closed_early and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.closed_early == [engine.requests[0].request_id]
+        messages, *_ = client.predict({"text": "again", "files": []}, max_tokens=3, api_name="/chat")
+        assert texts(messages)[0] == "w0 w1 w2 "
+        client.close()
+    finally:
+        demo.close()
