@@ -1,4 +1,5 @@
 """Which backend serves: vLLM on an NVIDIA GPU, else a clear word naming the other two."""
+
 import pytest
 
 from engine.base import EngineError

@@ -1,4 +1,5 @@
 """TTFT and decode speed: the numbers the sidebar promises, computed one way for every backend."""
+
 import pytest
 
 from engine.metrics import RequestClock, decode_rate
