@@ -301,9 +301,9 @@ class VllmEngine:
             self._report(EngineStatus(Stage.FAILED, reason))
             raise EngineError(reason) from e
         self.max_model_len = self._llm.model_config.max_model_len
-        for note in self.notes:
-            log.info("engine note: %s", note)
-        self._report(EngineStatus(Stage.READY, f"{gpu.name} · context {self.max_model_len:,} tokens"))
+        # The sidebar shows the detail: the choices made for this GPU and any repairs belong there.
+        detail = " · ".join([gpu.name, f"context {self.max_model_len:,} tokens", *self.notes])
+        self._report(EngineStatus(Stage.READY, detail))
 
     def _create(self, args):
         from vllm.v1.engine.async_llm import AsyncLLM
