@@ -2,7 +2,8 @@
 
 The chatbot's history is the source of truth (Gradio edits it for undo, retry and edit). Assistant messages
 that carry a metadata title are the UI's own annotations (the collapsed "Thinking" block, the stats line,
-error notes) and never reach the model: Gemma 4 wants earlier turns without their thoughts.
+error notes, the frames seen of a video) and never reach the model: Gemma 4 wants earlier turns without their
+thoughts. Attachments are read again from their files on every turn, so earlier images stay in the conversation.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from chat import media
+from chat.media import MediaError, MediaKind, VideoClip
 from engine.base import Delta, Metrics
+from engine.settings import EngineSettings
 
 Role = Literal["user", "assistant"]
 
 
 class UnsupportedContent(ValueError):
-    """History content the model cannot take yet, worded for the user."""
+    """History content the model cannot take, worded for the user."""
 
 
 @dataclass
@@ -118,31 +122,142 @@ def turns_from_history(history: Sequence[Mapping[str, Any]]) -> list[Turn]:
     return turns
 
 
-def build_messages(
-    history: Sequence[Mapping[str, Any]], message: Mapping[str, Any] | str, system_prompt: str = ""
-) -> list[dict[str, Any]]:
-    """OpenAI-style messages for GenerationRequest: the system prompt, the history, then the new message.
+@dataclass(frozen=True)
+class MediaLimits:
+    """How many attachments one prompt may hold (vLLM is started with the same limits) and how videos are sampled."""
 
-    `message` is the multimodal textbox value, {"text": str, "files": [path, ...]}, or a bare string
-    (what ChatInterface resubmits after the user edits a message).
+    max_images: int = 8
+    max_videos: int = 1
+    max_video_frames: int = media.MAX_VIDEO_FRAMES
+    video_fps: float = media.DEFAULT_VIDEO_FPS
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> MediaLimits:
+        return cls(
+            max_images=settings.max_images_per_prompt,
+            max_videos=settings.max_videos_per_prompt,
+            max_video_frames=settings.max_video_frames,
+            video_fps=settings.video_fps,
+        )
+
+
+@dataclass
+class Prompt:
+    """The conversation as the model gets it, and what the user should be told about the new attachments."""
+
+    messages: list[dict[str, Any]]  # OpenAI-style, for GenerationRequest
+    notes: list[str] = field(default_factory=list)  # downscaled images, GIF first frames, attachments left out
+    videos: list[tuple[str, VideoClip]] = field(default_factory=list)  # the new message's videos by file name
+
+
+def build_prompt(
+    history: Sequence[Mapping[str, Any]],
+    message: Mapping[str, Any] | str,
+    system_prompt: str = "",
+    limits: MediaLimits = MediaLimits(),
+) -> Prompt:
+    """The system prompt, the history, then the new message, with every attachment loaded as an image or video.
+
+    `message` is the multimodal textbox value, {"text": str, "files": [path or {"path": ...}, ...]}, or a bare
+    string (what ChatInterface resubmits after the user edits a message). A problem with the new message's
+    files raises UnsupportedContent; earlier attachments that no longer load, or that would go over the
+    per-prompt limits (oldest first), are left out with a note.
     """
     if isinstance(message, str):
         message = {"text": message}
-    files = message.get("files") or []
+    files = [f if isinstance(f, str) else f["path"] for f in message.get("files") or []]
     new = {"role": "user", "content": [message.get("text") or "", *({"path": p} for p in files)]}
-    messages: list[dict[str, Any]] = []
+    turns = turns_from_history([*history, new])
+    # The new message's files are the last ones: it is the last turn, or merged onto the end of it.
+    attachments = [(t, i) for t, turn in enumerate(turns) for i in range(len(turn.files))]
+    fresh = set(attachments[len(attachments) - len(files) :])
+    prompt = Prompt([])
+    kinds = _pick_media(turns, attachments, fresh, limits, prompt.notes)
     if system_prompt.strip():
-        messages.append({"role": "system", "content": system_prompt.strip()})
-    messages += [_to_message(turn) for turn in turns_from_history([*history, new])]
-    return messages
+        prompt.messages.append({"role": "system", "content": system_prompt.strip()})
+    for t, turn in enumerate(turns):
+        parts: list[dict[str, Any]] = []
+        for i, path in enumerate(turn.files):
+            if (t, i) in kinds:
+                parts += _load(path, kinds[t, i], (t, i) in fresh, limits, prompt)
+        if not parts:
+            prompt.messages.append({"role": turn.role, "content": turn.text})
+            continue
+        # Media before the text, as Gemma 4's model card advises.
+        text = [{"type": "text", "text": turn.text}] if turn.text else []
+        prompt.messages.append({"role": turn.role, "content": parts + text})
+    return prompt
 
 
-def _to_message(turn: Turn) -> dict[str, Any]:
-    # Attachments become image/video parts here once the engines take them (chat.media loads them).
-    if turn.files:
-        names = ", ".join(p.rsplit("/", 1)[-1] for p in turn.files)
-        raise UnsupportedContent(f"attachments are not supported yet ({names}); send text only")
-    return {"role": turn.role, "content": turn.text}
+def _pick_media(
+    turns: list[Turn],
+    attachments: list[tuple[int, int]],
+    fresh: set[tuple[int, int]],
+    limits: MediaLimits,
+    notes: list[str],
+) -> dict[tuple[int, int], MediaKind]:
+    """The kind of each attachment that goes to the model: every one of the new message's, then earlier ones,
+    newest first, while the limits allow."""
+    kinds: dict[tuple[int, int], MediaKind] = {}
+    left = {"image": limits.max_images, "video": limits.max_videos}
+    for t, i in attachments:
+        if (t, i) in fresh:
+            try:
+                kinds[t, i] = media.classify(turns[t].files[i])
+            except MediaError as e:
+                raise UnsupportedContent(str(e)) from None
+            left[kinds[t, i]] -= 1
+    for kind, limit, noun in (("image", limits.max_images, "images"), ("video", limits.max_videos, "videos")):
+        if left[kind] < 0:
+            raise UnsupportedContent(
+                f"{limit - left[kind]} {noun} attached: at most {limit} go in one message. Send fewer at a time."
+            )
+    left_out: list[str] = []
+    for t, i in reversed(attachments):
+        if (t, i) in fresh:
+            continue
+        path = turns[t].files[i]
+        try:
+            kind = media.classify(path)
+        except MediaError as e:
+            notes.append(f"An earlier attachment was left out: {e}")
+            continue
+        if left[kind] > 0:
+            kinds[t, i] = kind
+            left[kind] -= 1
+        else:
+            left_out.append(_name(path))
+    if left_out:
+        notes.append(
+            f"Left out to stay within {limits.max_images} images and {limits.max_videos} video(s) per prompt: "
+            f"the earlier attachments {', '.join(reversed(left_out))}."
+        )
+    return kinds
+
+
+def _load(path: str, kind: MediaKind, fresh: bool, limits: MediaLimits, prompt: Prompt) -> list[dict[str, Any]]:
+    """The content part for one attachment; only the new message's notes and videos are shown to the user."""
+    try:
+        if kind == "image":
+            loaded = media.load_image(path)
+            part, notes = {"type": "image", "image": loaded.image}, loaded.notes
+        else:
+            clip = media.load_video(path, fps=limits.video_fps, max_frames=limits.max_video_frames)
+            part, notes = {"type": "video", "video": clip}, []  # its notes go with its frames
+            if fresh:
+                prompt.videos.append((_name(path), clip))
+    except MediaError as e:
+        if fresh:
+            raise UnsupportedContent(str(e)) from None
+        prompt.notes.append(f"An earlier attachment was left out: {e}")
+        return []
+    if fresh:
+        prompt.notes += notes
+    return [part]
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
 
 
 def format_stats(stats: ReplyStats) -> str:

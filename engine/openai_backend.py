@@ -8,13 +8,17 @@ measured here at the client, so they include the network.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import openai
 from openai.types.chat import ChatCompletionChunk
+from PIL import Image
 
+from chat.media import format_timestamp
 from engine.base import Delta, EngineError, EngineStats, EngineStatus, GenerationRequest, Stage
 from engine.metrics import RequestClock
 from engine.prompt import content_parts
@@ -168,12 +172,42 @@ class OpenAIEngine:
 
 
 def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The request's messages in the OpenAI format. The one place where images and videos will be wired in."""
+    """The request's messages in the OpenAI format: images as `image_url` data URLs, a video as its frames.
+
+    Each frame goes as an image after a text part with its mm:ss time, the way Gemma 4 itself lays out a
+    video. Not a `video_url`: servers without video input take frames too, and the model sees exactly the
+    frames the app chose and showed, where a server given the file would sample its own. The cost: a frame
+    counts against the server's image limit and takes an image's token budget (Gemma 4 gives a video frame 70).
+    """
+    converted = []
     for message in messages:
-        for part in content_parts(message["content"]):
-            if part["type"] != "text":
-                raise EngineError(f"The openai backend does not send {part['type']} input yet; send text only.")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        content = message["content"]
+        if isinstance(content, str):
+            converted.append({"role": message["role"], "content": content})
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in content:
+            if part["type"] == "text":
+                parts.append({"type": "text", "text": part["text"]})
+            elif part["type"] == "image":
+                parts.append(_image_part(part["image"]))
+            elif part["type"] == "video":
+                clip = part["video"]
+                for frame, seconds in zip(clip.frames, clip.timestamps_s, strict=True):
+                    parts.append({"type": "text", "text": format_timestamp(seconds)})
+                    parts.append(_image_part(Image.fromarray(frame)))
+            else:
+                raise EngineError(f"The openai backend cannot send {part['type']} input.")
+        converted.append({"role": message["role"], "content": parts})
+    return converted
+
+
+def _image_part(image: Image.Image) -> dict[str, Any]:
+    # JPEG, not PNG: every turn resends the conversation's images, and a 4 MP PNG is ~10 MB of base64.
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def chat_params(request: GenerationRequest, model: str) -> dict[str, Any]:
@@ -186,6 +220,9 @@ def chat_params(request: GenerationRequest, model: str) -> dict[str, Any]:
     }
     if sampling.top_k > 0:
         extra["top_k"] = sampling.top_k
+    if request.image_soft_tokens and _has_media(request.messages):
+        # vLLM's per-request image budget; it applies to video frames too, as they go as images.
+        extra["mm_processor_kwargs"] = {"max_soft_tokens": request.image_soft_tokens}
     params: dict[str, Any] = {
         "model": model,
         "messages": openai_messages(request.messages),
@@ -200,3 +237,7 @@ def chat_params(request: GenerationRequest, model: str) -> dict[str, Any]:
     if sampling.seed is not None:
         params["seed"] = sampling.seed
     return params
+
+
+def _has_media(messages: list[dict[str, Any]]) -> bool:
+    return any(part["type"] != "text" for message in messages for part in content_parts(message["content"]))

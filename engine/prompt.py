@@ -28,3 +28,28 @@ def render_chat(template_owner: Any, messages: list[dict[str, Any]], *, enable_t
 def content_parts(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A message's content as a list of parts, so callers handle text and media one way."""
     return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def take_media(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
+    """Messages with image/video parts replaced by bare placeholders for the chat template, plus the images
+    (PIL) and video clips (chat.media.VideoClip) they held, in prompt order."""
+    images: list[Any] = []
+    videos: list[Any] = []
+    rendered: list[dict[str, Any]] = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            rendered.append(message)
+            continue
+        parts = []
+        for part in content:
+            if part["type"] == "image":
+                images.append(part["image"])
+                parts.append({"type": "image"})
+            elif part["type"] == "video":
+                videos.append(part["video"])
+                parts.append({"type": "video"})
+            else:
+                parts.append(part)
+        rendered.append({**message, "content": parts})
+    return rendered, images, videos

@@ -29,5 +29,6 @@ class EngineSettings:
     enforce_eager: bool = False
     # multimodal limits, shared by every backend and the UI
     max_images_per_prompt: int = 8
-    max_video_frames: int = 32
+    max_video_frames: int = 32  # at most 32: what Gemma 4 takes per video
     max_videos_per_prompt: int = 1
+    video_fps: float = 1.0  # frames sampled per second of video, until max_video_frames spread over the clip

@@ -17,8 +17,10 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoProcessor,
     AutoTokenizer,
     BatchEncoding,
+    BatchFeature,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
@@ -29,7 +31,7 @@ from transformers.generation.streamers import BaseStreamer
 from engine import model_source
 from engine.base import Delta, EngineError, EngineStats, EngineStatus, GenerationRequest, SamplingOptions, Stage
 from engine.metrics import RequestClock
-from engine.prompt import content_parts, render_chat
+from engine.prompt import render_chat, take_media
 from engine.reasoning import ReasoningSplitter
 from engine.settings import EngineSettings
 
@@ -45,7 +47,9 @@ class TransformersEngine:
         self._status = EngineStatus(Stage.RESOLVING, f"reading {settings.model}")
         self._model: Any = None
         self._tokenizer: Any = None
+        self._processor: Any = None  # Gemma4Processor for image and video prompts; None for a text-only checkpoint
         self._device = "cpu"
+        self.max_model_len: int | None = None  # context in tokens, known once loaded; the UI checks prompts against it
         # Held by the worker thread of the running generation, so the next one starts only once it has stopped.
         self._busy = threading.Lock()
         self._stops: dict[str, threading.Event] = {}  # every request inside generate(), waiting or running
@@ -72,6 +76,7 @@ class TransformersEngine:
         try:
             config = AutoConfig.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
+            processor = AutoProcessor.from_pretrained(path) if checkpoint.has_vision else None
         except OSError as e:
             raise EngineError(
                 f"Could not read the checkpoint at {str(path)!r} ({e}). Pass --model with a Gemma 4 checkpoint folder."
@@ -82,11 +87,19 @@ class TransformersEngine:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.bfloat16)
         self._model = model.to(self._device).eval()
         self._tokenizer = tokenizer
+        self._processor = processor
+        own = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        self.max_model_len = min((n for n in (own, self.settings.max_model_len) if n), default=None)
 
     def _ready(self) -> tuple[Any, Any]:
         if self._model is None:
             raise EngineError(f"The engine is not ready: {self._status.stage.value} {self._status.detail}")
         return self._model, self._tokenizer
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The request's prompt length in tokens, for the UI's context check."""
+        _, tokenizer = self._ready()
+        return model_inputs(tokenizer, self._processor, request)[1]["input_ids"].shape[1]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         model, tokenizer = self._ready()
@@ -94,7 +107,8 @@ class TransformersEngine:
         stop = threading.Event()
         self._stops[request.request_id] = stop
         try:
-            prompt, inputs = model_inputs(tokenizer, request)
+            # In a thread: the image and video processors take a while on a long video.
+            prompt, inputs = await asyncio.to_thread(model_inputs, tokenizer, self._processor, request)
             clock.prompt_tokens = inputs["input_ids"].shape[1]
             while not self._busy.acquire(blocking=False):
                 if stop.is_set():
@@ -154,7 +168,7 @@ class TransformersEngine:
     def _generate_in_thread(
         self,
         model: Any,
-        inputs: BatchEncoding,
+        inputs: BatchEncoding | BatchFeature,
         sampling: SamplingOptions,
         stop: threading.Event,
         emit: Callable[[str, Any], None],
@@ -200,18 +214,33 @@ class TransformersEngine:
             stop.set()
         while self._busy.locked():  # the running generation stops after its current token
             await asyncio.sleep(_POLL_S)
-        self._model = self._tokenizer = None
+        self._model = self._tokenizer = self._processor = None
 
 
-def model_inputs(tokenizer: Any, request: GenerationRequest) -> tuple[str, BatchEncoding]:
-    """The prompt text and generate()'s inputs for it. The one place where images and videos will be wired in."""
-    for message in request.messages:
-        for part in content_parts(message["content"]):
-            if part["type"] != "text":
-                raise EngineError(f"The transformers backend does not take {part['type']} input yet; send text only.")
-    prompt = render_chat(tokenizer, request.messages, enable_thinking=request.enable_thinking)
-    # The template writes <bos> itself.
-    return prompt, tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+def model_inputs(
+    tokenizer: Any, processor: Any, request: GenerationRequest
+) -> tuple[str, BatchEncoding | BatchFeature]:
+    """The prompt text and generate()'s inputs for it: text through the tokenizer, media through the processor,
+    which expands each image and video frame into its soft tokens and computes the pixel values."""
+    messages, images, videos = take_media(request.messages)
+    if not images and not videos:
+        prompt = render_chat(tokenizer, messages, enable_thinking=request.enable_thinking)
+        # The template writes <bos> itself.
+        return prompt, tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    if processor is None:
+        raise EngineError("This checkpoint has no image/video processor (processor_config.json): send text only.")
+    prompt = render_chat(processor, messages, enable_thinking=request.enable_thinking)
+    media: dict[str, Any] = {}
+    if images:
+        media["images"] = images
+        if request.image_soft_tokens:
+            media["images_kwargs"] = {"max_soft_tokens": request.image_soft_tokens}
+    if videos:
+        # The frames are chosen already (chat.media); the metadata stamps each with its mm:ss time.
+        media["videos"] = [clip.as_array() for clip in videos]
+        media["video_metadata"] = [clip.hf_metadata() for clip in videos]
+        media["do_sample_frames"] = False
+    return prompt, processor(text=prompt, add_special_tokens=False, return_tensors="pt", **media)
 
 
 def generate_kwargs(sampling: SamplingOptions) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from engine.base import (
 )
 from engine.metrics import decode_rate
 from engine.model_source import Checkpoint
-from engine.prompt import render_chat
+from engine.prompt import render_chat, take_media
 from engine.reasoning import ReasoningSplitter
 from engine.settings import EngineSettings
 
@@ -106,9 +106,11 @@ def engine_args(settings: EngineSettings, checkpoint: Checkpoint, gpu: GpuFacts,
         )
     wanted_len = settings.max_model_len
     max_model_len = AUTO_FIT if wanted_len is None or wanted_len >= checkpoint.context_length else wanted_len
+    # num_frames: vLLM plans memory for 32 frames per video unless told the app sends fewer.
+    video = {"count": settings.max_videos_per_prompt, "num_frames": settings.max_video_frames}
     # Without processor files the checkpoint can only read text: skip the vision tower altogether.
     multimodal = (
-        {"limit_mm_per_prompt": {"image": settings.max_images_per_prompt, "video": settings.max_videos_per_prompt}}
+        {"limit_mm_per_prompt": {"image": settings.max_images_per_prompt, "video": video}}
         if checkpoint.has_vision
         else {"language_model_only": True}
     )
@@ -265,9 +267,11 @@ class VllmEngine:
         self._status = EngineStatus(Stage.RESOLVING, f"resolving {settings.model}")
         self._llm = None
         self._tap = _SchedulerStatsTap()
-        self._started = False
+        self._multimodal = False  # the checkpoint has the processor files image and video prompts need
 
     def status(self) -> EngineStatus:
+        if self._llm is not None and self._llm.errored:  # the engine core process died under a running app
+            return EngineStatus(Stage.FAILED, "the vLLM engine process died (see the server log); restart it")
         return self._status
 
     def _report(self, status: EngineStatus) -> None:
@@ -301,6 +305,7 @@ class VllmEngine:
             self._report(EngineStatus(Stage.FAILED, reason))
             raise EngineError(reason) from e
         self.max_model_len = self._llm.model_config.max_model_len
+        self._multimodal = checkpoint.has_vision
         # The sidebar shows the detail: the choices made for this GPU and any repairs belong there.
         detail = " · ".join([gpu.name, f"context {self.max_model_len:,} tokens", *self.notes])
         self._report(EngineStatus(Stage.READY, detail))
@@ -343,6 +348,8 @@ class VllmEngine:
     def engine_prompt(self, request: GenerationRequest) -> dict[str, Any]:
         """The chat rendered by the model's template, plus the images and videos it refers to."""
         messages, media = split_media(request.messages)
+        if media and not self._multimodal:
+            raise EngineError("This checkpoint has no image/video processor (processor_config.json): send text only.")
         text = render_chat(self._engine().get_tokenizer(), messages, enable_thinking=request.enable_thinking)
         prompt: dict[str, Any] = {"prompt": text}
         if media:
@@ -350,6 +357,12 @@ class VllmEngine:
         if request.image_soft_tokens:
             prompt["mm_processor_kwargs"] = {"max_soft_tokens": request.image_soft_tokens}
         return prompt
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's text tokens, for the UI's context check (images and videos add theirs in vLLM,
+        which then refuses an overlong prompt itself)."""
+        prompt = self.engine_prompt(request)["prompt"]
+        return len(self._engine().get_tokenizer().encode(prompt, add_special_tokens=False))
 
     async def abort(self, request_id: str) -> None:
         await self._engine().abort(request_id)
@@ -373,28 +386,12 @@ class VllmEngine:
 
 def split_media(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, list]]:
     """Replace image/video parts by template placeholders; collect the data vLLM's processor takes."""
-    images, videos, rendered = [], [], []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, str):
-            rendered.append(message)
-            continue
-        parts = []
-        for part in content:
-            if part["type"] == "image":
-                images.append(part["image"])
-                parts.append({"type": "image"})
-            elif part["type"] == "video":
-                videos.append(part["video"].vllm_video_item())
-                parts.append({"type": "video"})
-            else:
-                parts.append(part)
-        rendered.append({**message, "content": parts})
+    rendered, images, videos = take_media(messages)
     media: dict[str, list] = {}
     if images:
         media["image"] = images
     if videos:
-        media["video"] = videos
+        media["video"] = [clip.vllm_video_item() for clip in videos]
     return rendered, media
 
 

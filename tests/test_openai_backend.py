@@ -8,16 +8,21 @@ cases a random model cannot be made to show: the reasoning fields and the usage 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import json
 import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from aiohttp import web
+from PIL import Image
 
+from chat.media import VideoClip
 from engine.base import Delta, Engine, EngineError, GenerationRequest, SamplingOptions, Stage
 from engine.openai_backend import OpenAIEngine, chat_params
 from engine.settings import EngineSettings
@@ -192,6 +197,41 @@ async def test_sampling_and_thinking_travel_as_vllm_reads_them(server):
 def test_top_k_off_and_no_seed_are_left_to_the_server():
     params = chat_params(chat("hi", top_k=0), "m")
     assert "top_k" not in params["extra_body"] and "seed" not in params
+
+
+def decode_data_url(url: str) -> Image.Image:
+    header, data = url.split(",", 1)
+    assert header == "data:image/jpeg;base64"
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+async def test_images_go_as_data_urls_and_a_video_as_its_frames_after_their_times(server):
+    engine = await started(server.base_url)
+    server.script = [{"content": "A cat."}]
+    shades = [40, 120, 200]  # one grey per frame, to tell them apart after JPEG
+    frames = [np.full((96, 128, 3), shade, np.uint8) for shade in shades]
+    clip = VideoClip(frames, [0.0, 1.0, 2.0], [0, 10, 20], 10.0, 25, 2.5)
+    image = Image.new("RGB", (64, 48), (250, 0, 0))
+    content = [{"type": "image", "image": image}, {"type": "video", "video": clip}, {"type": "text", "text": "And?"}]
+    request = GenerationRequest([{"role": "user", "content": content}], image_soft_tokens=560)
+    _, text, _ = await reply(engine, request)
+    await engine.shutdown()
+    assert text == "A cat."
+    body = server.bodies[-1]
+    parts = body["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["image_url", *["text", "image_url"] * 3, "text"]
+    first = decode_data_url(parts[0]["image_url"]["url"])
+    assert first.size == (64, 48) and np.allclose(first.getpixel((5, 5)), (250, 0, 0), atol=8)
+    assert [p["text"] for p in parts[1::2]] == ["00:00", "00:01", "00:02", "And?"]
+    frames = [decode_data_url(p["image_url"]["url"]) for p in parts[2:8:2]]
+    assert [f.size for f in frames] == [(128, 96)] * 3
+    assert [round(np.asarray(f).mean()) for f in frames] == shades
+    assert body["mm_processor_kwargs"] == {"max_soft_tokens": 560}
+
+
+def test_the_image_budget_is_sent_only_with_media():
+    text_only = GenerationRequest([{"role": "user", "content": "hi"}], image_soft_tokens=560)
+    assert "mm_processor_kwargs" not in chat_params(text_only, "m")["extra_body"]
 
 
 @pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])

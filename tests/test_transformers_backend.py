@@ -8,14 +8,18 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from chat.media import VideoClip
 from engine.base import Delta, Engine, EngineError, GenerationRequest, SamplingOptions, Stage
 from engine.reasoning import ReasoningSplitter
 from engine.settings import EngineSettings
-from engine.transformers_backend import TransformersEngine, _PresencePenalty, generate_kwargs
+from engine.transformers_backend import TransformersEngine, _PresencePenalty, generate_kwargs, model_inputs
+from tests.tiny_model import TOKEN_ID
 
 LONG = 100_000  # minutes of tokens on the endless model: a reply that only abort ends in time
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the engine puts the model
@@ -210,10 +214,66 @@ async def test_a_missing_checkpoint_fails_and_says_what_it_expected(tmp_path):
         await anext(engine.generate(chat("hi")))
 
 
-async def test_media_is_refused_until_it_is_wired(engine):
-    request = GenerationRequest([{"role": "user", "content": [{"type": "image", "image": None}]}])
-    with pytest.raises(EngineError, match="image"):
-        await anext(engine.generate(request))
+@pytest.fixture(scope="module")
+def vision(tiny_vision_model_dir):
+    engine = started(tiny_vision_model_dir)
+    yield engine
+    asyncio.run(engine.shutdown())
+
+
+def image_question(image: Image.Image, soft_tokens: int | None = None) -> GenerationRequest:
+    content = [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]
+    return GenerationRequest(
+        [{"role": "user", "content": content}], SamplingOptions(max_tokens=3), image_soft_tokens=soft_tokens
+    )
+
+
+def tiny_clip(n_frames: int, every: int, fps: float = 10.0) -> VideoClip:
+    """Frames 0, every, 2*every, ... of a 96x128 clip at `fps`, as chat.media.load_video returns them."""
+    frames = list(np.random.default_rng(1).integers(0, 256, (n_frames, 96, 128, 3), dtype=np.uint8))
+    indices = [i * every for i in range(n_frames)]
+    total = indices[-1] + 1
+    return VideoClip(frames, [i / fps for i in indices], indices, fps, total, total / fps)
+
+
+IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("soft_tokens", [None, 70, 1120])
+def test_an_image_is_expanded_into_the_soft_tokens_its_budget_gives(vision, soft_tokens):
+    prompt, inputs = model_inputs(vision._tokenizer, vision._processor, image_question(IMAGE, soft_tokens))
+    budget = {} if soft_tokens is None else {"max_soft_tokens": soft_tokens}
+    expected = vision._processor.image_processor(images=[IMAGE], **budget)["num_soft_tokens_per_image"][0]
+    assert expected == {None: 266, 70: 63, 1120: 1064}[soft_tokens]  # None: the checkpoint's own 280
+    ids = inputs["input_ids"][0]
+    assert (ids == TOKEN_ID["<|image|>"]).sum().item() == expected
+    assert (ids == TOKEN_ID["<|image>"]).sum().item() == (ids == TOKEN_ID["<image|>"]).sum().item() == 1
+    assert prompt.startswith("<bos><|turn>user\n<|image|>What is this?<turn|>")
+    assert inputs["pixel_values"].shape[0] == 1
+
+
+def test_video_frames_are_expanded_with_their_timestamps(vision):
+    clip = tiny_clip(4, every=10)  # 0, 1, 2, 3 s of a 10 fps clip
+    request = GenerationRequest([{"role": "user", "content": [{"type": "video", "video": clip}]}])
+    _, inputs = model_inputs(vision._tokenizer, vision._processor, request)
+    ids = inputs["input_ids"][0]
+    assert (ids == TOKEN_ID["<|video|>"]).sum().item() == 4 * 63  # 63 soft tokens per 96x128 frame
+    assert (ids == TOKEN_ID["<|image>"]).sum().item() == 4  # each frame wrapped in boi/eoi
+    decoded = vision._processor.decode(ids).replace("<|video|>", "")
+    assert "00:00 <|image><image|> 00:01 <|image><image|> 00:02 <|image><image|> 00:03 <|image><image|>" in decoded
+
+
+async def test_an_image_question_streams_a_reply_counting_the_expanded_prompt(vision):
+    request = image_question(IMAGE)
+    *_, deltas = await reply(vision, request)
+    _, inputs = model_inputs(vision._tokenizer, vision._processor, request)
+    assert deltas[-1].metrics.prompt_tokens == inputs["input_ids"].shape[1] > 266
+    assert deltas[-1].metrics.output_tokens > 0
+
+
+async def test_a_checkpoint_without_a_processor_refuses_media(engine):
+    with pytest.raises(EngineError, match="no image/video processor"):
+        await anext(engine.generate(image_question(IMAGE)))
 
 
 def test_sampling_options_map_to_generate_arguments():

@@ -130,6 +130,12 @@ def test_a_checkpoint_without_processor_files_runs_text_only(tiny):
 def test_a_vision_checkpoint_gets_the_apps_media_limits(tiny_vision_model_dir):
     checkpoint = model_source.inspect(tiny_vision_model_dir)
     assert checkpoint.has_vision
-    args = engine_args(EngineSettings(max_images_per_prompt=3), checkpoint, HOPPER, [])
-    assert args.limit_mm_per_prompt == {"image": 3, "video": 1}
+    settings = EngineSettings(
+        model=str(checkpoint.path), max_model_len=4096, max_images_per_prompt=3, max_video_frames=8
+    )
+    args = engine_args(settings, checkpoint, HOPPER, [])
+    assert args.limit_mm_per_prompt == {"image": 3, "video": {"count": 1, "num_frames": 8}}
     assert args.language_model_only is False
+    # vLLM plans the memory of a video for the app's frame cap, not its own 32 frames.
+    limits = args.create_model_config().multimodal_config.limit_per_prompt
+    assert (limits["image"].count, limits["video"].count, limits["video"].num_frames) == (3, 1, 8)
