@@ -8,13 +8,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
+import sqlite3
 import sys
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from engine.base import Engine, EngineError
+from chat.history import DB_FILENAME, HistoryStore, default_data_dir
+from chat.limits import Limits
+from engine.base import EngineError
 from engine.factory import create_engine
+from engine.lifecycle import start_in_background
 from engine.settings import BACKENDS, EngineSettings
 
 log = logging.getLogger("app")
@@ -29,11 +34,55 @@ def _auth(value: str) -> tuple[str, str]:
     return user, password
 
 
+def _auth_file(value: str) -> list[tuple[str, str]]:
+    """USER:PASS a line; blank lines and # comments are skipped."""
+    try:
+        lines = Path(value).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"can't read {value}: {e.strerror}") from None
+    logins = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                logins.append(_auth(line.strip()))
+            except argparse.ArgumentTypeError:
+                raise argparse.ArgumentTypeError(f"{value} line {number}: expected USER:PASS") from None
+    if not logins:
+        raise argparse.ArgumentTypeError(f"{value} holds no USER:PASS line")
+    return logins
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = 0
+        if not 0 < number < math.inf:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+        return number
+
+    return parse
+
+
+def _count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive whole number, got {value!r}")
+    return int(value)
+
+
 def _max_model_len(value: str) -> int | None:
     if value == "auto":
         return None
     if not value.isdigit() or int(value) == 0:
         raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {value!r}")
+    return int(value)
+
+
+def _video_frames(value: str) -> int:
+    most = EngineSettings().max_video_frames  # the default is Gemma 4's cap
+    if not value.isdigit() or not 1 <= int(value) <= most:
+        raise argparse.ArgumentTypeError(f"expected 1 to {most} frames, got {value!r}")
     return int(value)
 
 
@@ -54,6 +103,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--auth", type=_auth, action="append", metavar="USER:PASS", help="require this login; repeat for more users"
     )
+    p.add_argument("--auth-file", type=_auth_file, metavar="FILE", help="require a login: USER:PASS lines of FILE")
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(), help="where the chat history (SQLite) is kept")
+    limits = Limits()
+    p.add_argument(
+        "--max-queue",
+        type=_positive(int),
+        default=limits.max_queue,
+        help="requests waiting their turn; more are refused",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=_count,
+        default=limits.rate_per_minute,
+        help="messages a browser session may send a minute; 0: no limit",
+    )
+    p.add_argument(
+        "--max-upload-mb", type=_positive(float), default=limits.max_upload_mb, help="largest file one may upload"
+    )
+    p.add_argument("--desktop", action="store_true", help="open the app in a native window (needs pywebview)")
     p.add_argument(
         "--max-model-len",
         type=_max_model_len,
@@ -89,6 +157,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--load-format", default=d.load_format, help="vLLM weight loading; dummy: random weights of the model's shapes"
     )
+    p.add_argument(
+        "--max-video-frames",
+        type=_video_frames,
+        default=d.max_video_frames,
+        help=f"frames the model sees of a video, 1 to {d.max_video_frames}",
+    )
+    p.add_argument(
+        "--video-fps",
+        type=_positive(float),
+        default=d.video_fps,
+        help="frames taken per second of video; a longer clip gets --max-video-frames spread over it",
+    )
     p.add_argument("--no-browser", action="store_true", help="don't open a browser tab")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log verbosity")
     return p.parse_args(argv)
@@ -110,22 +190,21 @@ def settings_from_args(ns: argparse.Namespace) -> EngineSettings:
         linear_backend=ns.linear_backend,
         attention_backend=ns.attention_backend,
         load_format=ns.load_format,
+        max_video_frames=ns.max_video_frames,
+        video_fps=ns.video_fps,
     )
 
 
-def start_in_background(engine: Engine) -> None:
-    """Load the model on a thread of its own; the UI follows along through engine.status()."""
+def logins(ns: argparse.Namespace) -> list[tuple[str, str]] | None:
+    return [*(ns.auth or []), *(ns.auth_file or [])] or None
 
-    def load() -> None:
-        try:
-            asyncio.run(engine.start())
-        except EngineError as e:
-            log.error("the engine failed to start: %s", e)
-        except Exception:
-            log.exception("the engine failed to start")
 
-    # A daemon, so Ctrl+C during a long load exits without waiting for it.
-    threading.Thread(target=load, name="engine-start", daemon=True).start()
+SHARE_WITHOUT_AUTH = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  --share without --auth: ANYONE who gets the public link can use this app and your GPU.
+!!  Add --auth USER:PASS (or --auth-file FILE) to require a login.
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -144,24 +223,48 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
-    from chat.ui import build_ui, launch_options  # here: gradio takes seconds to import, --help needn't wait
+    try:
+        store = HistoryStore(ns.data_dir / DB_FILENAME)
+    except (OSError, sqlite3.Error, RuntimeError) as e:
+        print(f"error: can't open the chat history in {ns.data_dir}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log.info("chat history: %s", store.path)
 
-    demo = build_ui(engine, settings)
+    from chat.desktop import open_window  # here: gradio takes seconds to import, --help needn't wait
+    from chat.ui import TITLE, build_ui, launch_options
+
+    limits = Limits(max_queue=ns.max_queue, rate_per_minute=ns.rate_limit, max_upload_mb=ns.max_upload_mb)
+    demo = build_ui(engine, settings, store, limits)
     start_in_background(engine)
-    demo.queue(default_concurrency_limit=settings.max_num_seqs)
+    demo.queue(default_concurrency_limit=settings.max_num_seqs, max_size=limits.max_queue)
+    auth = logins(ns)
+    if ns.share and not auth:
+        print(SHARE_WITHOUT_AUTH, file=sys.stderr, flush=True)
     # SIGTERM stops the server like Ctrl+C does, so the engine below is shut down (vLLM's engine process too).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         demo.launch(
             server_name=ns.host,
             server_port=ns.port,
-            inbrowser=not ns.no_browser,
+            inbrowser=not ns.no_browser and not ns.desktop,
             share=ns.share,
-            auth=ns.auth,
+            auth=auth,
+            max_file_size=int(limits.max_upload_mb * 2**20),
+            prevent_thread_lock=True,
             **launch_options(),
         )
+        if ns.share and not demo.share_url:
+            log.warning(
+                "could not open a share link (no internet, or gradio.live unreachable); serving locally only at %s",
+                demo.local_url,
+            )
+        # A native window serves until it is closed; a browser tab (or none), until Ctrl+C or SIGTERM.
+        if not (ns.desktop and open_window(demo.local_url, TITLE)):
+            demo.block_thread()
     finally:
+        demo.close()
         asyncio.run(engine.shutdown())
+        store.close()
 
 
 if __name__ == "__main__":

@@ -322,8 +322,12 @@ class HistoryStore:
                 parts.append(message["content"])
             if message["files"]:
                 parts.append("Files: " + ", ".join(f"`{path}`" for path in message["files"]))
-            if message["stats"]:
-                parts.append(_stats_line(message["stats"]))
+            stats = dict(message["stats"] or {})
+            notes = stats.pop("notes", None)  # the UI's remarks shown with a reply (chat.history_ui)
+            if isinstance(notes, list):
+                parts += [_note_line(note) for note in notes if isinstance(note, dict)]
+            if stats:
+                parts.append(_stats_line(stats))
         return "\n\n".join(parts) + "\n"
 
     def import_json(self, owner: str, text: str | bytes) -> str:
@@ -372,6 +376,13 @@ def _stats_line(stats: dict[str, Any]) -> str:
     # Speeds and times are floats with long tails; two decimals are enough to read.
     shown = (f"{key}: {round(value, 2) if isinstance(value, float) else value}" for key, value in stats.items())
     return "> Stats: " + ", ".join(shown)
+
+
+def _note_line(note: dict[str, Any]) -> str:
+    metadata = note.get("metadata")
+    title = str(metadata.get("title", "")) if isinstance(metadata, dict) else ""
+    text = str(note.get("text", ""))
+    return f"> **{title}**" + (f" {text}" if text and text != title else "")
 
 
 def _iso(timestamp: float) -> str:

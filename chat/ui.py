@@ -6,6 +6,7 @@ Only the Engine protocol is used here, so every backend (vLLM, OpenAI-compatible
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import logging
 import time
@@ -16,8 +17,23 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+from gradio.processing_utils import save_pil_to_cache
+from gradio.utils import get_upload_folder
 
-from chat.conversation import Reply, ReplyStats, UnsupportedContent, build_messages, format_details, format_stats
+from chat.conversation import (
+    MediaLimits,
+    Prompt,
+    Reply,
+    ReplyStats,
+    UnsupportedContent,
+    build_prompt,
+    format_details,
+    format_stats,
+)
+from chat.history import HistoryStore
+from chat.limits import Limits, RateLimiter, fit_to_context
+from chat.media import DEFAULT_IMAGE_DETAIL, IMAGE_DETAIL_SOFT_TOKENS, format_timestamp
+from engine import lifecycle
 from engine.base import Engine, EngineStats, EngineStatus, GenerationRequest, SamplingOptions
 from engine.settings import EngineSettings
 
@@ -65,6 +81,26 @@ def reply_messages(reply: Reply, done: bool) -> list[dict[str, Any]]:
         messages.append(_note(f"⚠️ {reply.error}", f"{kept}press retry to try again."))
     if done and reply.metrics.output_tokens:
         messages.append(_note(format_stats(reply.stats), format_details(reply.stats)))
+    return messages
+
+
+def media_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """Notes on the new message's attachments: the frames the model sees of each video, then other remarks.
+
+    Titled without a status, so the chat shows them open; being titled, they never reach the model.
+    """
+    messages: list[dict[str, Any]] = []
+    for name, clip in prompt.videos:
+        stamps = [format_timestamp(t) for t in clip.timestamps_s]
+        # Written into Gradio's cache, which serves it as is, rather than a temp file it would copy there.
+        sheet = save_pil_to_cache(clip.contact_sheet(), get_upload_folder(), f"{Path(name).stem}-frames", "png")
+        body = "Frames at " + ", ".join(stamps) + "".join(f"\n\n{note}" for note in clip.notes)
+        span = stamps[0] if len(stamps) == 1 else f"{stamps[0]}–{stamps[-1]}"
+        title = f"🎞️ {name}: the {len(stamps)} frame{'s' * (len(stamps) > 1)} the model sees ({span})"
+        messages.append({"role": "assistant", "content": [*_text(body), {"path": sheet}], "metadata": {"title": title}})
+    if prompt.notes:
+        body = "\n".join(f"- {note}" for note in prompt.notes)
+        messages.append({"role": "assistant", "content": _text(body), "metadata": {"title": "ℹ️ About the attachments"}})
     return messages
 
 
@@ -121,7 +157,9 @@ def replies_frame(replies: list[dict[str, Any]]) -> pd.DataFrame:
     )
 
 
-def make_chat_fn(engine: Engine) -> Callable[..., AsyncIterator[ChatOutput]]:
+def make_chat_fn(engine: Engine, limits: MediaLimits | None = None) -> Callable[..., AsyncIterator[ChatOutput]]:
+    limits = limits or MediaLimits()
+
     async def chat(
         message: dict[str, Any] | str,
         history: list[dict[str, Any]],
@@ -134,6 +172,7 @@ def make_chat_fn(engine: Engine) -> Callable[..., AsyncIterator[ChatOutput]]:
         repetition_penalty: float,
         presence_penalty: float,
         seed: int | None,
+        image_detail: str,
         replies: list[dict[str, Any]],
     ) -> AsyncIterator[ChatOutput]:
         """Stream Gemma 4's reply to `message`; yields (messages, TTFT s, decode tok/s, output tokens, replies)."""
@@ -149,10 +188,12 @@ def make_chat_fn(engine: Engine) -> Callable[..., AsyncIterator[ChatOutput]]:
             yield [note], None, None, None, gr.skip()
             return
         try:
-            messages = build_messages(history, message, system_prompt)
+            # In a thread: decoding a video takes a while, and the server's event loop must keep streaming.
+            prompt = await asyncio.to_thread(build_prompt, history, message, system_prompt, limits)
         except UnsupportedContent as e:
             yield [_note(f"⚠️ {e}")], None, None, None, gr.skip()
             return
+        messages, shown = prompt.messages, media_messages(prompt)
         if not messages or messages[-1]["role"] != "user":  # an empty message, possible through the API
             yield [_note("⚠️ Nothing to send: the message is empty")], None, None, None, gr.skip()
             return
@@ -168,7 +209,12 @@ def make_chat_fn(engine: Engine) -> Callable[..., AsyncIterator[ChatOutput]]:
                 seed=None if seed is None or seed < 0 else int(seed),
             ),
             enable_thinking=enable_thinking,
+            image_soft_tokens=IMAGE_DETAIL_SOFT_TOKENS[image_detail],
         )
+        if too_long := await fit_to_context(engine, request):
+            note = _note(f"⚠️ {too_long}", "Nothing was sent to the model: start a new chat or send something shorter.")
+            yield [*shown, note], None, None, None, gr.skip()
+            return
         reply = Reply()
         last_shown = 0.0
         # Closing the engine's stream aborts the request. Gradio's stop button cancels the task running
@@ -180,7 +226,7 @@ def make_chat_fn(engine: Engine) -> Callable[..., AsyncIterator[ChatOutput]]:
                     now = time.monotonic()
                     if delta.finish_reason is None and now - last_shown >= UI_REFRESH_S:
                         last_shown = now
-                        yield *_live(reply, done=False), gr.skip()
+                        yield *_live(reply, shown, done=False), gr.skip()
             except Exception as e:  # keep what streamed so far and say what went wrong
                 log.exception("request %s failed", request.request_id)
                 reply.error = f"The engine failed mid-reply: {e}"
@@ -194,21 +240,27 @@ def make_chat_fn(engine: Engine) -> Callable[..., AsyncIterator[ChatOutput]]:
         if reply.finish_reason == "error" and not reply.error:
             reply.error = "The engine stopped this reply with an error (see the server log)."
         stats = reply.stats
-        yield *_live(reply, done=True), [*replies, _stats_row(stats)] if stats.output_tokens else gr.skip()
+        yield *_live(reply, shown, done=True), [*replies, _stats_row(stats)] if stats.output_tokens else gr.skip()
 
     return chat
 
 
-def _live(reply: Reply, done: bool) -> tuple[Any, ...]:
+def _live(reply: Reply, shown: list[dict[str, Any]], done: bool) -> tuple[Any, ...]:
     m = reply.metrics
-    return reply_messages(reply, done), m.ttft_s, m.decode_tok_s, m.output_tokens
+    return [*shown, *reply_messages(reply, done)], m.ttft_s, m.decode_tok_s, m.output_tokens
 
 
 def _stats_row(stats: ReplyStats) -> dict[str, Any]:
-    return {"ttft_s": stats.ttft_s, "decode_tok_s": stats.decode_tok_s, "output_tokens": stats.output_tokens}
+    return dataclasses.asdict(stats)  # all of it: the history keeps it to show the reply's stats line again
 
 
-def build_ui(engine: Engine, settings: EngineSettings) -> gr.Blocks:
+def build_ui(
+    engine: Engine, settings: EngineSettings, store: HistoryStore | None = None, limits: Limits | None = None
+) -> gr.Blocks:
+    """The app; `store` keeps each browser's (or login's) chats, without it nothing is saved."""
+    from chat.history_ui import HistoryPanel  # here: it builds on this module
+
+    limits = limits or Limits()
     defaults = SamplingOptions()
     max_tokens_cap = settings.max_model_len or MODEL_CONTEXT
     with gr.Blocks(title=TITLE, fill_height=True, analytics_enabled=False) as demo:
@@ -216,6 +268,7 @@ def build_ui(engine: Engine, settings: EngineSettings) -> gr.Blocks:
         with gr.Sidebar(width=360):
             gr.Markdown(f"## {TITLE}")
             status_view = gr.HTML(status_html(engine, engine.status()))
+            restart = gr.Button("Restart the engine", variant="stop", size="sm", visible=engine.status().failed)
             engine_stats = gr.Markdown(stats_markdown(engine.stats()), elem_classes="engine-stats")
             gr.Markdown("### Reply")
             metric_args = {"interactive": False, "min_width": 70, "elem_classes": "live-metric"}
@@ -227,6 +280,7 @@ def build_ui(engine: Engine, settings: EngineSettings) -> gr.Blocks:
             plot_args = {"x": "reply", "x_axis_format": "~g", "y_axis_format": ".3~g", "buttons": []}
             tok_s_plot = gr.ScatterPlot(None, y="tok/s", label="Decode speed (tok/s)", **plot_args)
             ttft_plot = gr.ScatterPlot(None, y="TTFT (s)", label="Time to first token (s)", **plot_args)
+            history = HistoryPanel(store, RateLimiter(limits.rate_per_minute))
 
         settings_inputs = [
             gr.Textbox("", label="System prompt", lines=2, placeholder="You are a helpful assistant.", render=False),
@@ -238,9 +292,16 @@ def build_ui(engine: Engine, settings: EngineSettings) -> gr.Blocks:
             gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.01, label="Repetition penalty", render=False),
             gr.Slider(-2.0, 2.0, value=defaults.presence_penalty, step=0.1, label="Presence penalty", render=False),
             gr.Number(-1, label="Seed", info="-1: random", precision=0, minimum=-1, render=False),
+            gr.Dropdown(
+                [(f"{name} · {tokens} tokens an image", name) for name, tokens in IMAGE_DETAIL_SOFT_TOKENS.items()],
+                value=DEFAULT_IMAGE_DETAIL,
+                label="Image detail",
+                info="Gemma 4's token budget per image: more sees finer detail, costs prompt length",
+                render=False,
+            ),
         ]
         chat = gr.ChatInterface(
-            make_chat_fn(engine),
+            history.chat_fn(make_chat_fn(engine, MediaLimits.from_settings(settings))),
             multimodal=True,
             chatbot=gr.Chatbot(
                 label="Chat",
@@ -251,15 +312,17 @@ def build_ui(engine: Engine, settings: EngineSettings) -> gr.Blocks:
             ),
             textbox=gr.MultimodalTextbox(
                 placeholder="Message Gemma 4…",
-                sources=[],  # text only for now: attachments are not sent to the model yet
+                sources=["upload"],
+                # Any file: chat.media judges each by its content and answers what it can't read in the chat.
+                file_count="multiple",
                 autofocus=True,
                 stop_btn=True,
                 max_plain_text_length=1_000_000,  # long pastes stay text instead of turning into a file
                 scale=7,
             ),
-            additional_inputs=[*settings_inputs, replies],
+            additional_inputs=[*settings_inputs, replies, *history.inputs],
             additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
-            additional_outputs=[ttft, tok_s, tokens, replies],
+            additional_outputs=[ttft, tok_s, tokens, replies, *history.outputs],
             editable=True,
             api_name="chat",
             fill_height=True,
@@ -271,11 +334,25 @@ def build_ui(engine: Engine, settings: EngineSettings) -> gr.Blocks:
 
         replies.change(plots, replies, [tok_s_plot, ttft_plot], show_progress="hidden", api_visibility="private")
         chat.chatbot.clear(lambda: [], None, replies, api_visibility="private")
+        history.wire(demo, chat, replies)
 
-        def poll() -> tuple[str, str]:
-            return status_html(engine, engine.status()), stats_markdown(engine.stats())
+        def poll() -> tuple[str, str, Any]:
+            status = engine.status()
+            dead = status.failed and not lifecycle.restarting()
+            return status_html(engine, status), stats_markdown(engine.stats()), gr.update(visible=dead)
 
         gr.Timer(POLL_S).tick(
-            poll, None, [status_view, engine_stats], show_progress="hidden", queue=False, api_visibility="private"
+            poll,
+            None,
+            [status_view, engine_stats, restart],
+            show_progress="hidden",
+            queue=False,
+            api_visibility="private",
         )
+
+        def restart_engine() -> Any:
+            lifecycle.restart_in_background(engine)
+            return gr.update(visible=False)
+
+        restart.click(restart_engine, None, restart, queue=False, api_visibility="private")
     return demo

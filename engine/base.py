@@ -100,6 +100,9 @@ class EngineError(RuntimeError):
 
 @runtime_checkable
 class Engine(Protocol):
+    """Every backend. Those that know their context also have `max_model_len: int | None` (known once started)
+    and `count_prompt_tokens(request) -> int`; chat.limits reads both with getattr to refuse overlong prompts."""
+
     name: str  # "vllm", "openai", "transformers"
     model: str  # what the user asked for (hub id, path or served model name)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import app
+from chat.history import default_data_dir
 from engine import factory
 from engine.settings import EngineSettings
 
@@ -22,6 +23,12 @@ FLAG_DEFAULTS = {
     "--port": "7860",
     "--share": "False",
     "--auth": "None",
+    "--auth-file": "None",
+    "--data-dir": str(default_data_dir()),
+    "--max-queue": "64",
+    "--rate-limit": "20",
+    "--max-upload-mb": "200.0",
+    "--desktop": "False",
     "--max-model-len": "262144",
     "--kv-cache-dtype": "fp8",
     "--gpu-memory-utilization": "0.85",
@@ -33,6 +40,8 @@ FLAG_DEFAULTS = {
     "--attention-backend": "None",
     "--no-browser": "False",
     "--load-format": "auto",
+    "--max-video-frames": "32",
+    "--video-fps": "1.0",
     "--log-level": "info",
 }
 
@@ -79,6 +88,10 @@ def test_every_engine_flag_reaches_the_settings():
             "cutlass",
             "--attention-backend",
             "TRITON_ATTN",
+            "--max-video-frames",
+            "16",
+            "--video-fps",
+            "0.5",
         ]
     )
     assert app.settings_from_args(ns) == EngineSettings(
@@ -95,6 +108,8 @@ def test_every_engine_flag_reaches_the_settings():
         moe_backend="marlin",
         linear_backend="cutlass",
         attention_backend="TRITON_ATTN",
+        max_video_frames=16,
+        video_fps=0.5,
     )
 
 
@@ -106,6 +121,15 @@ def test_max_model_len_auto_means_the_models_own():
 def test_max_model_len_rejects_nonsense(bad):
     with pytest.raises(SystemExit):
         app.parse_args(["--max-model-len", bad])
+
+
+@pytest.mark.parametrize(
+    ("flag", "bad"),
+    [("--max-video-frames", "0"), ("--max-video-frames", "33"), ("--video-fps", "0"), ("--video-fps", "nan")],
+)
+def test_video_flags_reject_what_gemma_4_cannot_take(flag, bad):
+    with pytest.raises(SystemExit):
+        app.parse_args([flag, bad])
 
 
 def test_server_flags():
@@ -123,6 +147,44 @@ def test_auth_needs_user_and_password(bad, capsys):
     with pytest.raises(SystemExit):
         app.parse_args(["--auth", bad])
     assert "USER:PASS" in capsys.readouterr().err
+
+
+def test_auth_file_logins_join_the_auth_flags(tmp_path):
+    logins = tmp_path / "logins"
+    logins.write_text("# who may log in\ncid:pw1\n\n  dee:p:w2  \n")
+    ns = app.parse_args(["--auth", "ann:secret", "--auth-file", str(logins)])
+    assert app.logins(ns) == [("ann", "secret"), ("cid", "pw1"), ("dee", "p:w2")]
+    assert app.logins(app.parse_args([])) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "error"), [("ann:pw\nnocolon\n", "line 2: expected USER:PASS"), ("# only\n", "no USER")]
+)
+def test_a_bad_auth_file_is_refused_with_the_line(tmp_path, capsys, text, error):
+    logins = tmp_path / "logins"
+    logins.write_text(text)
+    with pytest.raises(SystemExit):
+        app.parse_args(["--auth-file", str(logins)])
+    assert error in capsys.readouterr().err
+
+
+def test_a_missing_auth_file_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(["--auth-file", str(tmp_path / "nope")])
+    assert "can't read" in capsys.readouterr().err
+
+
+def test_sharing_and_limit_flags(tmp_path):
+    ns = app.parse_args(
+        ["--data-dir", str(tmp_path), "--max-queue", "8", "--rate-limit", "0", "--max-upload-mb", "1.5", "--desktop"]
+    )
+    assert (ns.data_dir, ns.max_queue, ns.rate_limit, ns.max_upload_mb, ns.desktop) == (tmp_path, 8, 0, 1.5, True)
+
+
+@pytest.mark.parametrize(("flag", "bad"), [("--max-queue", "0"), ("--rate-limit", "-1"), ("--max-upload-mb", "0")])
+def test_limit_flags_reject_nonsense(flag, bad):
+    with pytest.raises(SystemExit):
+        app.parse_args([flag, bad])
 
 
 def test_unknown_backend_is_refused():

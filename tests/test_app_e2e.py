@@ -1,13 +1,15 @@
 """The real app in a subprocess (transformers backend, tiny random Gemma 4), driven through its /chat API.
 
-The app serves a copy of the tiny model without end-of-turn ids: its random replies then end only at
-max_tokens or when stopped, so a reply's length is known and a stopped one that went on would never end.
+The app serves a copy of the tiny vision model (processor included) without end-of-turn ids: its random
+replies then end only at max_tokens or when stopped, so a reply's length is known and a stopped one that
+went on would never end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,8 +18,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
+from PIL import Image
+from transformers import AutoProcessor
+
+from chat.media import load_video
+from tests.test_media import write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 300
@@ -57,11 +65,11 @@ def endless_copy(checkpoint: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+def app(tiny_vision_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     tmp = tmp_path_factory.mktemp("app")
-    model, log, port = endless_copy(tiny_model_dir, tmp / "tiny"), tmp / "app.log", _free_port()
+    model, log, port = endless_copy(tiny_vision_model_dir, tmp / "tiny"), tmp / "app.log", _free_port()
     cmd = [sys.executable, "app.py", "--backend", "transformers", "--model", str(model)]
-    cmd += ["--port", str(port), "--no-browser"]
+    cmd += ["--port", str(port), "--no-browser", "--data-dir", str(tmp / "data")]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -133,3 +141,62 @@ def test_stop_aborts_the_reply_and_frees_the_engine(app: App):
     client.close()
     assert tokens == 3 and ttft > 0
     assert _title(messages[-1]).startswith("TTFT")
+
+
+def prompt_tokens(messages: list[dict]) -> int:
+    """From the reply's stats note, e.g. "prompt 31 tokens · 0.52 s in all · hit the token limit"."""
+    return int(re.search(r"prompt (\d+) tokens", messages[-1]["content"][0]["text"])[1])
+
+
+def streamed(app: App, message: dict, **inputs) -> list[dict]:
+    """The reply's messages, in a conversation of its own (a client's calls share their history)."""
+    client = app.client()
+    updates = list(client.submit(message, api_name="/chat", **inputs))
+    client.close()
+    assert len(updates) >= 3, f"only {len(updates)} updates"
+    messages, ttft, tok_s, tokens = updates[-1]
+    assert ttft > 0 and tok_s > 0 and tokens == inputs["max_tokens"]
+    return messages
+
+
+@pytest.mark.parametrize(("detail", "soft_tokens"), [("medium", 266), ("minimal", 63)])
+def test_an_image_question_streams_a_reply_with_the_image_expanded_in_the_prompt(app, tmp_path, detail, soft_tokens):
+    image = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(image)
+    text_only = prompt_tokens(streamed(app, {"text": "What is this?", "files": []}, max_tokens=20))
+    question = {"text": "What is this?", "files": [handle_file(str(image))]}
+    with_image = prompt_tokens(streamed(app, question, max_tokens=20, image_detail=detail))
+    # The template's one <|image|> became <|image>, the image's soft tokens and <image|>.
+    assert with_image - text_only == soft_tokens + 2
+
+
+def test_a_video_question_shows_the_frames_seen_and_streams_a_reply(app, tiny_vision_model_dir, tmp_path):
+    video = write_video(tmp_path / "clip.mp4", 40, 10.0, size=(128, 96))  # 4 s
+    messages = streamed(app, {"text": "What happens?", "files": [handle_file(str(video))]}, max_tokens=20)
+    clip = load_video(video)
+    frames = messages[0]
+    assert _title(frames) == "🎞️ clip.mp4: the 4 frames the model sees (00:00–00:03)"
+    assert Image.open(frames["content"][1]).size == clip.contact_sheet().size
+    # What Gemma 4's processor makes of those frames: each stamped mm:ss and expanded into its soft tokens.
+    processor = AutoProcessor.from_pretrained(tiny_vision_model_dir)
+    content = [{"type": "video"}, {"type": "text", "text": "What happens?"}]
+    conversation = [{"role": "user", "content": content}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    expected = processor(
+        text=prompt,
+        videos=[clip.as_array()],
+        video_metadata=[clip.hf_metadata()],
+        do_sample_frames=False,
+        add_special_tokens=False,
+    )["input_ids"][0]
+    assert expected.count(processor.video_token_id) == 4 * 63
+    assert prompt_tokens(messages) == len(expected)
+
+
+def test_an_unreadable_attachment_is_answered_in_the_chat(app, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(bytes(range(256)) * 40)
+    client = app.client()
+    messages, *_ = client.predict({"text": "What happens?", "files": [handle_file(str(broken))]}, api_name="/chat")
+    client.close()
+    assert _title(messages[0]).startswith("⚠️ broken.mp4 could not be read as a video")

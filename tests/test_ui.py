@@ -6,12 +6,14 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
+from PIL import Image
 
 from chat import ui
-from chat.conversation import Reply
+from chat.conversation import MediaLimits, Reply
 from engine.base import (
     Delta,
     EngineError,
@@ -22,8 +24,9 @@ from engine.base import (
     Stage,
 )
 from engine.settings import EngineSettings
+from tests.test_media import headerless, write_video
 
-CHAT_DEFAULTS = ("", False, 2048, 1.0, 0.95, 64, 1.0, 0.0, -1, [])  # the additional inputs, replies last
+CHAT_DEFAULTS = ("", False, 2048, 1.0, 0.95, 64, 1.0, 0.0, -1, "medium", [])  # the additional inputs, replies last
 
 
 class FakeEngine:
@@ -91,11 +94,13 @@ class FakeEngine:
         pass
 
 
-async def run_chat(engine: FakeEngine, text: str = "Hi", history: list | None = None, *inputs) -> list[tuple]:
-    chat = ui.make_chat_fn(engine)
+async def run_chat(
+    engine: FakeEngine, text: str = "Hi", history: list | None = None, *inputs, files: list[str] = (), limits=None
+) -> list[tuple]:
+    chat = ui.make_chat_fn(engine, limits)
     args = list(CHAT_DEFAULTS)
     args[: len(inputs)] = inputs
-    return [out async for out in chat({"text": text, "files": []}, history or [], *args)]
+    return [out async for out in chat({"text": text, "files": list(files)}, history or [], *args)]
 
 
 def titles(messages: list[dict]) -> list[str | None]:
@@ -113,7 +118,16 @@ async def test_a_reply_streams_with_live_metrics_and_ends_with_its_stats():
     assert texts(messages)[0] == "w0 w1 w2 w3 w4 "
     assert titles(messages) == [None, "TTFT 0.05 s · 50.0 tok/s · 5 tokens"]
     assert (ttft, tok_s, tokens) == (0.05, 50.0, 5)
-    assert replies == [{"ttft_s": 0.05, "decode_tok_s": 50.0, "output_tokens": 5}]
+    assert replies == [
+        {
+            "ttft_s": 0.05,
+            "decode_tok_s": 50.0,
+            "output_tokens": 5,
+            "prompt_tokens": 7,
+            "elapsed_s": pytest.approx(0.13),
+            "finish_reason": "length",
+        }
+    ]
     request = engine.requests[0]
     assert request.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert request.sampling.max_tokens == 5 and request.sampling.seed is None
@@ -198,11 +212,104 @@ async def test_an_engine_error_keeps_the_partial_answer_and_says_what_happened()
     assert "partial answer above is kept" in texts(messages)[1]
 
 
-async def test_attachments_are_answered_with_a_note_and_not_sent():
+def image_file(path: Path, size: tuple[int, int] = (64, 48)) -> str:
+    Image.new("RGB", size, (30, 200, 30)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(("detail", "soft_tokens"), [("minimal", 70), ("medium", 280), ("max", 1120)])
+async def test_an_image_reaches_the_engine_with_the_chosen_detail(tmp_path, detail, soft_tokens):
     engine = FakeEngine()
-    chat = ui.make_chat_fn(engine)
-    outs = [o async for o in chat({"text": "what?", "files": ["/tmp/cat.png"]}, [], *CHAT_DEFAULTS)]
-    assert "attachments are not supported yet (cat.png)" in titles(outs[0][0])[0]
+    args = ("", False, 3, 1.0, 0.95, 64, 1.0, 0.0, -1, detail)
+    outs = await run_chat(engine, "What is this?", None, *args, files=[image_file(tmp_path / "leaf.png")])
+    request = engine.requests[0]
+    assert request.image_soft_tokens == soft_tokens
+    image, text = request.messages[0]["content"]
+    assert image["image"].size == (64, 48) and text == {"type": "text", "text": "What is this?"}
+    assert texts(outs[-1][0])[0] == "w0 w1 w2 "  # no notes: nothing to say about a small image
+
+
+async def test_a_video_shows_the_frames_the_model_sees_above_the_answer(tmp_path):
+    engine = FakeEngine()
+    clip = write_video(tmp_path / "clip.mp4", 30, 10.0)  # 3 s
+    outs = await run_chat(engine, "What happens?", None, "", False, 3, files=[str(clip)])
+    messages = outs[-1][0]
+    frames = messages[0]
+    assert frames["metadata"] == {"title": "🎞️ clip.mp4: the 3 frames the model sees (00:00–00:02)"}
+    assert frames["content"][0]["text"] == "Frames at 00:00, 00:01, 00:02"
+    sheet = Image.open(frames["content"][1]["path"])
+    assert sheet.size == engine.requests[0].messages[0]["content"][0]["video"].contact_sheet().size
+    assert texts(messages)[1] == "w0 w1 w2 "
+    # Every streamed update keeps the frames above the answer.
+    assert all(out[0][0] == frames for out in outs)
+
+    # Titled, the note stays out of the next prompt; the video itself stays in the conversation.
+    history = [{"role": "user", "content": [{"type": "file", "file": {"path": str(clip)}}]}, *messages]
+    await run_chat(engine, "And then?", history, "", False, 2)
+    assert [m["role"] for m in engine.requests[1].messages] == ["user", "assistant", "user"]
+    assert engine.requests[1].messages[0]["content"][0]["type"] == "video"
+
+
+async def test_notes_on_the_attachments_come_before_the_answer(tmp_path):
+    big = image_file(tmp_path / "wide.png", (4200, 1050))
+    messages = (await run_chat(FakeEngine(), "Hi", None, "", False, 2, files=[big]))[-1][0]
+    assert titles(messages)[0] == "ℹ️ About the attachments"
+    assert texts(messages)[0].startswith("- wide.png was downscaled from 4200×1050 to ")
+
+
+def _zero_fps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    headerless(monkeypatch, fps=0.0, count=0, pos_msec=False)
+    return str(write_video(tmp_path / "still.mp4", 10, 10.0))
+
+
+def _oversize(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    path = tmp_path / "huge.png"
+    image_file(path)
+    with path.open("r+b") as f:
+        f.truncate(21 * 1024 * 1024)  # sparse: over the 20 MiB cap without writing it
+    return str(path)
+
+
+def _file(name: str, content: bytes):
+    def make(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+        (tmp_path / name).write_bytes(content)
+        return str(tmp_path / name)
+
+    return make
+
+
+ERRORS = {
+    "zero bytes": (_file("empty.jpg", b""), "empty.jpg is empty (0 bytes)"),
+    "corrupt image": (_file("cat.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 100), "cat.png could not be decoded"),
+    "corrupt video": (_file("trip.mp4", bytes(range(256)) * 40), "trip.mp4 could not be read as a video"),
+    "unsupported type": (_file("paper.pdf", b"%PDF-1.7\n..."), "paper.pdf looks like a PDF document"),
+    "over the size cap": (_oversize, "huge.png is 21.0 MiB, over the 20.0 MiB limit for images"),
+    "no frames": (lambda m, t: str(write_video(t / "nothing.avi", 0, 10.0, "MJPG")), "nothing.avi contains no frames"),
+    "fps 0": (_zero_fps, "still.mp4 doesn't say its frame rate"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+async def test_an_attachment_the_model_cannot_take_is_answered_in_the_chat(monkeypatch, tmp_path, case):
+    make, message = ERRORS[case]
+    engine = FakeEngine()
+    path = make(monkeypatch, tmp_path)
+    outs = await run_chat(engine, "what is this?", None, files=[path])
+    assert len(outs) == 1 and titles(outs[0][0])[0].startswith(f"⚠️ {message}")
+    assert engine.requests == []
+    # The conversation goes on: the refused message's text joins the next one, its file left out with a note.
+    sent = [{"type": "file", "file": {"path": path}}, {"type": "text", "text": "what is this?"}]
+    history = [{"role": "user", "content": sent}, *outs[0][0]]
+    outs = await run_chat(engine, "never mind", history, "", False, 2)
+    assert engine.requests[0].messages == [{"role": "user", "content": "what is this?\n\nnever mind"}]
+    assert titles(outs[-1][0])[0] == "ℹ️ About the attachments" and texts(outs[-1][0])[1] == "w0 w1 "
+
+
+async def test_more_attachments_than_the_limits_allow_are_answered_in_the_chat(tmp_path):
+    engine = FakeEngine()
+    files = [image_file(tmp_path / f"p{i}.png") for i in range(3)]
+    outs = await run_chat(engine, "compare", None, files=files, limits=MediaLimits(max_images=2))
+    assert titles(outs[0][0]) == ["⚠️ 3 images attached: at most 2 go in one message. Send fewer at a time."]
     assert engine.requests == []
 
 
@@ -280,6 +387,7 @@ def test_the_chat_api_takes_the_message_then_the_settings():
         "repetition_penalty",
         "presence_penalty",
         "seed",
+        "image_detail",
     ]
     assert all(p["parameter_has_default"] for p in endpoint["parameters"])
     assert [r["label"] for r in endpoint["returns"]] == ["Response", "TTFT (s)", "tok/s", "tokens"]
@@ -312,3 +420,24 @@ def test_stop_through_the_api_aborts_the_engine_request():
         client.close()
     finally:
         demo.close()
+
+
+def test_an_uploaded_video_and_its_frames_travel_through_the_api(tmp_path):
+    engine = FakeEngine()
+    demo = ui.build_ui(engine, EngineSettings(max_video_frames=2))
+    demo.queue()
+    demo.launch(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False, download_files=str(tmp_path / "downloads"))
+        clip = write_video(tmp_path / "clip.mp4", 30, 10.0)
+        message = {"text": "What happens?", "files": [handle_file(str(clip))]}
+        messages, *_ = client.predict(message, max_tokens=2, image_detail="high", api_name="/chat")
+        client.close()
+    finally:
+        demo.close()
+    request = engine.requests[0]
+    video = request.messages[0]["content"][0]["video"]
+    assert video.frame_indices == [0, 29] and request.image_soft_tokens == 560  # --max-video-frames 2
+    frames = messages[0]
+    assert frames["metadata"]["title"] == "🎞️ clip.mp4: the 2 frames the model sees (00:00–00:02)"
+    assert Image.open(frames["content"][1]).size == video.contact_sheet().size  # the client downloaded it
