@@ -83,12 +83,29 @@ class Reply:
         return ReplyStats.from_metrics(self.metrics, self.finish_reason)
 
 
-def turns_from_history(history: Sequence[Mapping[str, Any]]) -> list[Turn]:
-    """The model's view of a Gradio chat history, consecutive messages of one role merged into one turn.
+def message_parts(content: Any) -> tuple[str, list[str], list[Any]]:
+    """A chat message's text, its file paths, and whatever else it holds, in every shape Gradio 6 hands over:
+    a string, or a list of strings, {"type": "text"} and {"type": "file"} parts, or {"path": ...} dicts (what
+    ChatInterface appends before normalizing)."""
+    texts: list[str] = []
+    files: list[str] = []
+    others: list[Any] = []
+    for item in content if isinstance(content, list) else [content]:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, Mapping) and item.get("type") == "text":
+            texts.append(item["text"])
+        elif isinstance(item, Mapping) and item.get("type") == "file":
+            files.append(item["file"]["path"])
+        elif isinstance(item, Mapping) and "path" in item:
+            files.append(item["path"])
+        else:
+            others.append(item)
+    return "\n\n".join(t for t in texts if t), files, others
 
-    Accepts every shape Gradio 6 hands over: content as a string, or a list of strings, {"type": "text"}
-    and {"type": "file"} parts, or {"path": ...} dicts (what ChatInterface appends before normalizing).
-    """
+
+def turns_from_history(history: Sequence[Mapping[str, Any]]) -> list[Turn]:
+    """The model's view of a Gradio chat history, consecutive messages of one role merged into one turn."""
     turns: list[Turn] = []
     for message in history:
         role = message["role"]
@@ -97,21 +114,9 @@ def turns_from_history(history: Sequence[Mapping[str, Any]]) -> list[Turn]:
         metadata = message.get("metadata") or {}
         if role == "assistant" and metadata.get("title"):
             continue
-        texts: list[str] = []
-        files: list[str] = []
-        content = message["content"]
-        for item in content if isinstance(content, list) else [content]:
-            if isinstance(item, str):
-                texts.append(item)
-            elif isinstance(item, Mapping) and item.get("type") == "text":
-                texts.append(item["text"])
-            elif isinstance(item, Mapping) and item.get("type") == "file":
-                files.append(item["file"]["path"])
-            elif isinstance(item, Mapping) and "path" in item:
-                files.append(item["path"])
-            else:
-                raise UnsupportedContent(f"a {type(item).__name__} in the chat cannot be sent to the model")
-        text = "\n\n".join(t for t in texts if t)
+        text, files, others = message_parts(message["content"])
+        if others:
+            raise UnsupportedContent(f"a {type(others[0]).__name__} in the chat cannot be sent to the model")
         if not text and not files:
             continue
         if turns and turns[-1].role == role:

@@ -32,7 +32,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder, is_in_or_equal
 
 from chat import ui
-from chat.conversation import Reply, ReplyStats
+from chat.conversation import Reply, ReplyStats, message_parts
 from chat.history import HistoryStore, Message, NotFound
 from chat.limits import RateLimiter, rate_note
 from engine.base import Metrics
@@ -62,22 +62,6 @@ BROWSER_ID = re.compile(r"[0-9a-f]{32}")
 # ---------------------------------------------------------------------------------------------
 
 
-def _parts(content: Any) -> tuple[str, list[str]]:
-    """The text and file paths of a message's content, in any of the shapes Gradio hands over."""
-    texts: list[str] = []
-    files: list[str] = []
-    for item in content if isinstance(content, list) else [content]:
-        if isinstance(item, str):
-            texts.append(item)
-        elif isinstance(item, Mapping) and item.get("type") == "text":
-            texts.append(item["text"])
-        elif isinstance(item, Mapping) and item.get("type") == "file":
-            files.append(item["file"]["path"])
-        elif isinstance(item, Mapping) and "path" in item:
-            files.append(item["path"])
-    return "\n\n".join(t for t in texts if t), files
-
-
 def _reply(group: Sequence[Mapping[str, Any]], numbers: Mapping[str, Any] | None) -> Message:
     """One stored reply for a run of assistant messages; `numbers`: its stats, whose line is then the last one."""
     if numbers is not None:
@@ -88,7 +72,7 @@ def _reply(group: Sequence[Mapping[str, Any]], numbers: Mapping[str, Any] | None
     notes: list[dict[str, Any]] = []
     for at, message in enumerate(group):
         metadata = dict(message.get("metadata") or {})
-        text, files = _parts(message["content"])
+        text, files, _ = message_parts(message["content"])
         if not metadata.get("title"):
             answer.append(text)
         elif metadata["title"] == THINKING:
@@ -124,7 +108,7 @@ def to_stored(messages: Sequence[Mapping[str, Any]], last_numbers: Mapping[str, 
             stored.append(_reply(group, None))
             group = []
         if message["role"] == "user":
-            text, files = _parts(message["content"])
+            text, files, _ = message_parts(message["content"])
             stored.append(Message(role="user", content=text, reasoning=None, files=files, stats=None))
     if group:
         stored.append(_reply(group, last_numbers))
