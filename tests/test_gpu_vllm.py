@@ -74,3 +74,37 @@ async def test_full_size_nvfp4_with_dummy_weights(tiny_vision_model_dir, tmp_pat
         assert metrics.output_tokens == 1000 and metrics.decode_tok_s > 0
     finally:
         await engine.shutdown()
+
+
+async def test_tiny_vision_answers_about_an_image_and_a_video(tiny_vision_model_dir, tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from chat.media import load_image, load_video
+    from engine.transformers_backend import model_inputs
+    from tests.test_media import write_video
+
+    Image.new("RGB", (320, 240), (200, 30, 30)).save(tmp_path / "red.png")
+    image = load_image(tmp_path / "red.png").image
+    clip = load_video(write_video(tmp_path / "clip.mp4", n_frames=40, fps=10.0))  # 4 s at 1 fps: 4 frames
+    # What Gemma 4's own processor makes of the same request (CPU, no CUDA: vLLM must still fork).
+    tokenizer, processor = (
+        AutoTokenizer.from_pretrained(tiny_vision_model_dir),
+        AutoProcessor.from_pretrained(tiny_vision_model_dir),
+    )
+    engine = await started(
+        EngineSettings(model=str(tiny_vision_model_dir), max_model_len=4096, gpu_memory_utilization=0.3)
+    )
+    try:
+        for name, part in (("image", {"type": "image", "image": image}), ("video", {"type": "video", "video": clip})):
+            content = [part, {"type": "text", "text": "what is this?"}]
+            request = GenerationRequest([{"role": "user", "content": content}], SamplingOptions(max_tokens=8))
+            expected = model_inputs(tokenizer, processor, request)[1]["input_ids"].shape[1]
+            *_, last = [d async for d in engine.generate(request)]
+            print(
+                f"\ntiny vision {name}: prompt {last.metrics.prompt_tokens} tokens (transformers: {expected}), "
+                f"TTFT {last.metrics.ttft_s * 1000:.1f} ms, {last.metrics.output_tokens} tokens out"
+            )
+            assert last.metrics.prompt_tokens == expected
+    finally:
+        await engine.shutdown()
