@@ -7,13 +7,7 @@ went on would never end.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,28 +19,10 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from chat.media import load_video
+from tests.app_process import STARTUP_TIMEOUT_S, AppProcess, endless_copy
 from tests.test_media import write_video
 
-ROOT = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 300
 ENDLESS = 100_000  # max_tokens of a reply only stop can end in time
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class App:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
-        self.proc, self.url, self.log = proc, url, log
-
-    def client(self) -> Client:
-        return Client(self.url, verbose=False)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 def _title(message: dict) -> str | None:
@@ -57,36 +33,18 @@ def chat(client: Client, text: str, **inputs) -> tuple:
     return client.predict({"text": text, "files": []}, api_name="/chat", **inputs)
 
 
-def endless_copy(checkpoint: Path, out: Path) -> Path:
-    shutil.copytree(checkpoint, out)
-    config_path = out / "generation_config.json"
-    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"eos_token_id": []}))
-    return out
-
-
 @pytest.fixture(scope="module")
-def app(tiny_vision_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+def app(tiny_vision_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppProcess]:
     tmp = tmp_path_factory.mktemp("app")
-    model, log, port = endless_copy(tiny_vision_model_dir, tmp / "tiny"), tmp / "app.log", _free_port()
-    cmd = [sys.executable, "app.py", "--backend", "transformers", "--model", str(model)]
-    cmd += ["--port", str(port), "--no-browser", "--data-dir", str(tmp / "data")]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    app = App(proc, f"http://127.0.0.1:{port}/", log)
+    app = AppProcess(endless_copy(tiny_vision_model_dir, tmp / "tiny"), tmp)
     try:
         _wait_until_ready(app)
         yield app
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        app.stop()
 
 
-def _wait_until_ready(app: App) -> None:
+def _wait_until_ready(app: AppProcess) -> None:
     """Until the server answers and a message gets a real reply instead of the 'still loading' note."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     client = None
@@ -108,7 +66,7 @@ def _wait_until_ready(app: App) -> None:
     pytest.fail(f"the app was not ready after {STARTUP_TIMEOUT_S} s:\n{app.log_text()}")
 
 
-def test_a_reply_streams_with_its_ttft_and_speed(app: App):
+def test_a_reply_streams_with_its_ttft_and_speed(app: AppProcess):
     client = app.client()
     job = client.submit({"text": "Tell me a story.", "files": []}, max_tokens=40, api_name="/chat")
     updates = list(job)
@@ -124,7 +82,7 @@ def test_a_reply_streams_with_its_ttft_and_speed(app: App):
     assert streamed_tokens == sorted(streamed_tokens) and 0 < streamed_tokens[0] < 40
 
 
-def test_stop_aborts_the_reply_and_frees_the_engine(app: App):
+def test_stop_aborts_the_reply_and_frees_the_engine(app: AppProcess):
     client = app.client()
     job = client.submit({"text": "Go on forever.", "files": []}, max_tokens=ENDLESS, api_name="/chat")
     deadline = time.monotonic() + 60
@@ -148,7 +106,7 @@ def prompt_tokens(messages: list[dict]) -> int:
     return int(re.search(r"prompt (\d+) tokens", messages[-1]["content"][0]["text"])[1])
 
 
-def streamed(app: App, message: dict, **inputs) -> list[dict]:
+def streamed(app: AppProcess, message: dict, **inputs) -> list[dict]:
     """The reply's messages, in a conversation of its own (a client's calls share their history)."""
     client = app.client()
     updates = list(client.submit(message, api_name="/chat", **inputs))
