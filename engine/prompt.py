@@ -30,26 +30,37 @@ def content_parts(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
+# Gemma 4's media placeholders: only attachments may put them into a prompt. Typed by a user, or written by
+# the model into an earlier reply, they would make the processor look for media that is not there.
+MEDIA_PLACEHOLDERS = ("<|image|>", "<|video|>", "<|audio|>")
+
+
+def without_placeholders(text: str) -> str:
+    for placeholder in MEDIA_PLACEHOLDERS:
+        text = text.replace(placeholder, "")
+    return text
+
+
 def take_media(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
     """Messages with image/video parts replaced by bare placeholders for the chat template, plus the images
-    (PIL) and video clips (chat.media.VideoClip) they held, in prompt order."""
+    (PIL) and video clips (chat.media.VideoClip) they held, in prompt order. Placeholders in the text are
+    dropped, so the template's are the only ones."""
     images: list[Any] = []
     videos: list[Any] = []
     rendered: list[dict[str, Any]] = []
     for message in messages:
-        content = message["content"]
-        if isinstance(content, str):
-            rendered.append(message)
-            continue
         parts = []
-        for part in content:
+        for part in content_parts(message["content"]):
             if part["type"] == "image":
                 images.append(part["image"])
                 parts.append({"type": "image"})
             elif part["type"] == "video":
                 videos.append(part["video"])
                 parts.append({"type": "video"})
+            elif part["type"] == "text":
+                parts.append({**part, "text": without_placeholders(part["text"])})
             else:
                 parts.append(part)
-        rendered.append({**message, "content": parts})
+        content = message["content"]
+        rendered.append({**message, "content": parts[0]["text"] if isinstance(content, str) else parts})
     return rendered, images, videos

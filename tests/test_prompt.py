@@ -63,3 +63,19 @@ def test_content_parts():
     assert content_parts("hi") == [{"type": "text", "text": "hi"}]
     parts = [{"type": "text", "text": "hi"}, {"type": "image", "image": None}]
     assert content_parts(parts) is parts
+
+
+def test_media_placeholders_in_text_are_dropped_so_only_attachments_make_them():
+    from engine.prompt import take_media
+
+    image = object()
+    messages = [
+        {"role": "user", "content": "what does <|image|> mean?"},
+        {"role": "assistant", "content": "a token<|video|>"},
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "and <|audio|>?"}]},
+    ]
+    rendered, images, videos = take_media(messages)
+    assert rendered[0]["content"] == "what does  mean?"
+    assert rendered[1]["content"] == "a token"
+    assert rendered[2]["content"] == [{"type": "image"}, {"type": "text", "text": "and ?"}]
+    assert (images, videos) == ([image], [])
