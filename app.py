@@ -79,6 +79,10 @@ def _max_model_len(value: str) -> int | None:
     return int(value)
 
 
+def _draft_model(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
 def _video_frames(value: str) -> int:
     most = EngineSettings().max_video_frames  # the default is Gemma 4's cap
     if not value.isdigit() or not 1 <= int(value) <= most:
@@ -158,6 +162,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--load-format", default=d.load_format, help="vLLM weight loading; dummy: random weights of the model's shapes"
     )
     p.add_argument(
+        "--draft-model",
+        type=_draft_model,
+        default=d.draft_model,
+        help="Gemma 4 assistant for MTP speculative decoding (vllm backend): folder, hub id, auto (the assistant "
+        "published with the model; skipped with a note when it can't be had) or none",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=_positive(int),
+        default=d.num_speculative_tokens,
+        help="tokens the MTP drafter proposes a step",
+    )
+    p.add_argument(
         "--max-video-frames",
         type=_video_frames,
         default=d.max_video_frames,
@@ -190,6 +207,8 @@ def settings_from_args(ns: argparse.Namespace) -> EngineSettings:
         linear_backend=ns.linear_backend,
         attention_backend=ns.attention_backend,
         load_format=ns.load_format,
+        draft_model=ns.draft_model,
+        num_speculative_tokens=ns.num_speculative_tokens,
         max_video_frames=ns.max_video_frames,
         video_fps=ns.video_fps,
     )

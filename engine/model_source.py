@@ -32,15 +32,20 @@ class Checkpoint:
 
 def resolve(model: str, progress: Progress = lambda fraction, detail: None, *, weights: bool = True) -> Checkpoint:
     """`weights=False` accepts a folder without weights (vLLM's load_format="dummy" makes random ones)."""
+    return inspect(locate(model, progress), weights=weights)
+
+
+def locate(model: str, progress: Progress, flag: str = "--model") -> Path:
+    """The folder of a local checkpoint, or of a hub id once downloaded."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return inspect(path, weights=weights)
+        return path
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise EngineError(f"--model {model!r} is neither a checkpoint folder nor a hub id like 'org/name'.")
-    return inspect(download(model, progress), weights=weights)
+        raise EngineError(f"{flag} {model!r} is neither a checkpoint folder nor a hub id like 'org/name'.")
+    return download(model, progress, flag)
 
 
-def download(repo_id: str, progress: Progress) -> Path:
+def download(repo_id: str, progress: Progress, flag: str = "--model") -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -55,7 +60,7 @@ def download(repo_id: str, progress: Progress) -> Path:
         raise EngineError(
             f"Could not download {repo_id}: the hub is unreachable and no complete copy is cached ({e}). "
             "Download it on a connected machine (`hf download " + repo_id + " --local-dir DIR`) and start "
-            "the app with --model DIR."
+            f"the app with {flag} DIR."
         ) from e
 
 

@@ -27,6 +27,12 @@ class EngineSettings:
     attention_backend: str | None = None  # None: vLLM's choice, TRITON_ATTN when FA4's deps are missing
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks, GPU tests)
     enforce_eager: bool = False
+    # speculative decoding with Gemma 4's assistant (MTP drafter): a folder, a hub id, "auto" (the published
+    # assistant of a known Gemma 4 model, skipped with a note when it can't be had) or None (off)
+    draft_model: str | None = "auto"
+    num_speculative_tokens: int = 2
+    # Benchmarks on random weights only: vLLM accepts drafts at these per-position rates instead of checking them.
+    synthetic_acceptance: tuple[float, ...] | None = None
     # multimodal limits, shared by every backend and the UI
     max_images_per_prompt: int = 8
     max_video_frames: int = 32  # at most 32: what Gemma 4 takes per video

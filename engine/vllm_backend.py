@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import patches
-from engine import model_source
+from engine import drafter, model_source
 from engine.base import (
     Delta,
     EngineError,
@@ -80,8 +80,11 @@ def flash_attention_4_usable() -> bool:
         return False
 
 
-def engine_args(settings: EngineSettings, checkpoint: Checkpoint, gpu: GpuFacts, notes: list[str]):
-    """The AsyncEngineArgs for this checkpoint on this GPU; every choice made for the user lands in notes."""
+def engine_args(
+    settings: EngineSettings, checkpoint: Checkpoint, gpu: GpuFacts, notes: list[str], draft: Path | None = None
+):
+    """The AsyncEngineArgs for this checkpoint on this GPU (`draft`: an MTP drafter's folder); every choice made
+    for the user lands in notes."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kernel = {}
@@ -99,7 +102,11 @@ def engine_args(settings: EngineSettings, checkpoint: Checkpoint, gpu: GpuFacts,
         quantization = settings.quantization
         kernel["moe_backend"], kernel["linear_backend"] = settings.moe_backend, settings.linear_backend
     attention = settings.attention_backend
-    if attention is None and not flash_attention_4_usable():
+    if attention is None and draft is not None:
+        # vLLM's Gemma 4 drafter reads the target's KV cache and keeps the target's backend only when one is set.
+        attention = "TRITON_ATTN"
+        notes.append("MTP drafting: Triton attention (the drafter shares the model's KV cache)")
+    elif attention is None and not flash_attention_4_usable():
         attention = "TRITON_ATTN"
         notes.append(
             f"FlashAttention 4 needs nvidia-cutlass-dsl and apache-tvm-ffi=={FA4_TVM_FFI}: using Triton attention"
@@ -125,6 +132,7 @@ def engine_args(settings: EngineSettings, checkpoint: Checkpoint, gpu: GpuFacts,
         attention_backend=attention,
         load_format=settings.load_format,
         enforce_eager=settings.enforce_eager,
+        speculative_config=None if draft is None else drafter.speculative_config(draft, settings),
         **multimodal,
         **{k: v for k, v in kernel.items() if v is not None},
     )
@@ -283,7 +291,7 @@ class VllmEngine:
             checkpoint = await asyncio.to_thread(
                 model_source.resolve,
                 self.settings.model,
-                lambda fraction, detail: self._report(EngineStatus(Stage.DOWNLOADING, detail, fraction)),
+                self._download_progress(""),
                 weights=self.settings.load_format != "dummy",
             )
             if self.settings.load_format != "dummy":  # random weights: nothing to check or repair
@@ -291,7 +299,10 @@ class VllmEngine:
             gpu = gpu_facts()
             if gpu.capability is None:
                 raise EngineError("vLLM needs an NVIDIA GPU and none is visible; use --backend openai or transformers.")
-            args = engine_args(self.settings, checkpoint, gpu, self.notes)
+            draft = await asyncio.to_thread(
+                drafter.resolve, self.settings, checkpoint, self._download_progress("MTP drafter: "), self.notes
+            )
+            args = engine_args(self.settings, checkpoint, gpu, self.notes, draft)
             self._report(EngineStatus(Stage.LOADING, f"starting vLLM on {gpu.name}"))
             watcher = LoadWatcher(self._report, self.notes)
             watcher.install()
@@ -309,6 +320,9 @@ class VllmEngine:
         # The sidebar shows the detail: the choices made for this GPU and any repairs belong there.
         detail = " · ".join([gpu.name, f"context {self.max_model_len:,} tokens", *self.notes])
         self._report(EngineStatus(Stage.READY, detail))
+
+    def _download_progress(self, what: str) -> model_source.Progress:
+        return lambda fraction, detail: self._report(EngineStatus(Stage.DOWNLOADING, what + detail, fraction))
 
     def _create(self, args):
         from vllm.v1.engine.async_llm import AsyncLLM

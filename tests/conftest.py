@@ -15,7 +15,7 @@ BUILDER = Path(__file__).with_name("tiny_model.py")
 
 
 def _cached_build(kind: str) -> Path:
-    from tests.tiny_model import build_tiny_gemma4
+    from tests.tiny_model import build_tiny_assistant, build_tiny_gemma4
 
     digest = hashlib.sha256(BUILDER.read_bytes()).hexdigest()[:16]
     final = ROOT / ".tiny" / digest / kind
@@ -25,7 +25,10 @@ def _cached_build(kind: str) -> Path:
     # Build beside the cache and rename: an interrupted build leaves no half checkpoint, and of two
     # sessions building at once the loser just drops its copy.
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=final.parent))
-    build_tiny_gemma4(tmp, vision=kind == "vision")
+    if kind == "assistant":
+        build_tiny_assistant(tmp)
+    else:
+        build_tiny_gemma4(tmp, vision=kind == "vision")
     try:
         tmp.rename(final)
     except OSError:
@@ -41,6 +44,23 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_vision_model_dir() -> Path:
     return _cached_build("vision")
+
+
+@pytest.fixture(scope="session")
+def tiny_assistant_dir() -> Path:
+    """The tiny model's MTP drafter (a Gemma 4 assistant)."""
+    return _cached_build("assistant")
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No hub access, as on a machine without network, and an empty hub cache (returned)."""
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

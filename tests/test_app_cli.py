@@ -40,6 +40,8 @@ FLAG_DEFAULTS = {
     "--attention-backend": "None",
     "--no-browser": "False",
     "--load-format": "auto",
+    "--draft-model": "auto",
+    "--num-speculative-tokens": "2",
     "--max-video-frames": "32",
     "--video-fps": "1.0",
     "--log-level": "info",
@@ -92,6 +94,10 @@ def test_every_engine_flag_reaches_the_settings():
             "16",
             "--video-fps",
             "0.5",
+            "--draft-model",
+            "/models/gemma-assistant",
+            "--num-speculative-tokens",
+            "3",
         ]
     )
     assert app.settings_from_args(ns) == EngineSettings(
@@ -110,11 +116,17 @@ def test_every_engine_flag_reaches_the_settings():
         attention_backend="TRITON_ATTN",
         max_video_frames=16,
         video_fps=0.5,
+        draft_model="/models/gemma-assistant",
+        num_speculative_tokens=3,
     )
 
 
 def test_max_model_len_auto_means_the_models_own():
     assert app.settings_from_args(app.parse_args(["--max-model-len", "auto"])).max_model_len is None
+
+
+def test_draft_model_none_switches_mtp_off():
+    assert app.settings_from_args(app.parse_args(["--draft-model", "none"])).draft_model is None
 
 
 @pytest.mark.parametrize("bad", ["0", "-5", "lots"])

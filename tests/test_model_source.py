@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import huggingface_hub.constants
 import pytest
 
 from engine import model_source
@@ -46,14 +45,6 @@ def test_a_folder_without_config_says_what_is_missing(tmp_path):
 def test_a_path_that_does_not_exist_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(EngineError, match="neither a checkpoint folder nor a hub id"):
         model_source.resolve(str(tmp_path / "missing" / "model"))
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def test_offline_without_a_cached_copy_explains_how_to_use_a_local_folder(offline_hub):

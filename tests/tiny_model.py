@@ -1,6 +1,7 @@
 """Build a tiny random Gemma 4 checkpoint (text MoE + tiny vision tower) that every test runs on.
 
     python -m tests.tiny_model OUT [--vision] [--nvfp4]
+    python -m tests.tiny_model OUT --assistant     # its Gemma 4 assistant (MTP drafter)
 
 The layout matches google/gemma-4-26B-A4B-it: `Gemma4ForConditionalGeneration`, a text model whose
 layers carry a dense MLP beside 8 routed experts (top-2, fused 3-D `experts.gate_up_proj` /
@@ -292,12 +293,56 @@ def build_tiny_gemma4(out: Path, *, vision: bool = False) -> Path:
     return out
 
 
+def build_tiny_assistant(out: Path) -> Path:
+    """A Gemma 4 assistant (MTP drafter) for the tiny model: random weights, the target's head layout (it reads
+    the target's KV cache), a hidden size of its own."""
+    import torch
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
+
+    target = build_config().text_config
+    text = Gemma4TextConfig(
+        vocab_size=VOCAB_SIZE,
+        vocab_size_per_layer_input=0,
+        hidden_size_per_layer_input=0,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_kv_shared_layers=2,  # every layer reads the target's KV cache
+        enable_moe_block=False,
+        max_position_embeddings=target.max_position_embeddings,
+        **{k: getattr(target, k) for k in ASSISTANT_SHARES},
+    )
+    config = Gemma4AssistantConfig(text_config=text, backbone_hidden_size=target.hidden_size)
+    config.dtype = "bfloat16"
+    torch.manual_seed(SEED)
+    Gemma4AssistantForCausalLM(config).to(torch.bfloat16).save_pretrained(Path(out))
+    print(f"tiny gemma4: assistant (MTP drafter) saved to {out}", flush=True)
+    return Path(out)
+
+
+# What an assistant takes from its target: it attends over the target's keys and values.
+ASSISTANT_SHARES = (
+    "layer_types",
+    "sliding_window",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "global_head_dim",
+    "num_global_key_value_heads",
+    "attention_k_eq_v",
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--vision", action="store_true", help="also write the image/video processor files")
     parser.add_argument("--nvfp4", action="store_true", help="quantize the bf16 build to NVFP4 (ModelOpt format)")
+    parser.add_argument("--assistant", action="store_true", help="write the tiny model's MTP drafter instead")
     args = parser.parse_args(argv)
+    if args.assistant:
+        build_tiny_assistant(args.out)
+        return
     if not args.nvfp4:
         build_tiny_gemma4(args.out, vision=args.vision)
         return
