@@ -8,6 +8,7 @@ thoughts. Attachments are read again from their files on every turn, so earlier 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,9 +44,11 @@ class ReplyStats:
     finish_reason: str | None
 
     @classmethod
-    def from_metrics(cls, metrics: Metrics, finish_reason: str | None = None) -> ReplyStats:
+    def from_metrics(
+        cls, metrics: Metrics, finish_reason: str | None = None, ttft_s: float | None = None
+    ) -> ReplyStats:
         return cls(
-            ttft_s=metrics.ttft_s,
+            ttft_s=metrics.ttft_s if ttft_s is None else ttft_s,
             decode_tok_s=metrics.decode_tok_s,
             output_tokens=metrics.output_tokens,
             prompt_tokens=metrics.prompt_tokens,
@@ -64,8 +67,14 @@ class Reply:
     finish_reason: str | None = None
     reasoning_s: float | None = None  # time to the first answer text after thinking; None while thinking
     error: str | None = None
+    # time.monotonic() when the app got the message: TTFT then counts what the app did before the engine
+    # (media decoding, the chat template, the context check) as the user waits for it too
+    received: float | None = None
+    first_token_s: float | None = None
 
     def add(self, delta: Delta) -> None:
+        if self.received is not None and self.first_token_s is None and delta.metrics.output_tokens:
+            self.first_token_s = time.monotonic() - self.received
         self.reasoning += delta.reasoning
         if delta.text and self.reasoning and self.reasoning_s is None:
             self.reasoning_s = delta.metrics.elapsed_s
@@ -79,8 +88,13 @@ class Reply:
         return bool(self.reasoning) and not self.text and self.finish_reason is None
 
     @property
+    def ttft_s(self) -> float | None:
+        """Message received -> first token, on the app's clock; the engine's own TTFT for a restored reply."""
+        return self.metrics.ttft_s if self.first_token_s is None else self.first_token_s
+
+    @property
     def stats(self) -> ReplyStats:
-        return ReplyStats.from_metrics(self.metrics, self.finish_reason)
+        return ReplyStats.from_metrics(self.metrics, self.finish_reason, self.ttft_s)
 
 
 def message_parts(content: Any) -> tuple[str, list[str], list[Any]]:

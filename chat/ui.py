@@ -176,6 +176,7 @@ def make_chat_fn(engine: Engine, limits: MediaLimits | None = None) -> Callable[
         replies: list[dict[str, Any]],
     ) -> AsyncIterator[ChatOutput]:
         """Stream Gemma 4's reply to `message`; yields (messages, TTFT s, decode tok/s, output tokens, replies)."""
+        received = time.monotonic()
         status = engine.status()
         if status.failed:
             yield [_note("❌ The engine failed to load", status.detail)], None, None, None, gr.skip()
@@ -215,7 +216,7 @@ def make_chat_fn(engine: Engine, limits: MediaLimits | None = None) -> Callable[
             note = _note(f"⚠️ {too_long}", "Nothing was sent to the model: start a new chat or send something shorter.")
             yield [*shown, note], None, None, None, gr.skip()
             return
-        reply = Reply()
+        reply = Reply(received=received)
         last_shown = 0.0
         # Closing the engine's stream aborts the request. Gradio's stop button cancels the task running
         # this generator (or closes it between yields); either way `aclosing` closes the stream.
@@ -247,7 +248,7 @@ def make_chat_fn(engine: Engine, limits: MediaLimits | None = None) -> Callable[
 
 def _live(reply: Reply, shown: list[dict[str, Any]], done: bool) -> tuple[Any, ...]:
     m = reply.metrics
-    return [*shown, *reply_messages(reply, done)], m.ttft_s, m.decode_tok_s, m.output_tokens
+    return [*shown, *reply_messages(reply, done)], reply.ttft_s, m.decode_tok_s, m.output_tokens
 
 
 def _stats_row(stats: ReplyStats) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,20 @@ def test_reply_accumulates_deltas_and_times_the_thinking():
     reply.add(Delta(text=".", finish_reason="stop", metrics=Metrics(0.2, 7, 4, 20.0, 0.6)))
     assert (reply.text, reply.reasoning) == ("Answer.", "hmm ok")
     assert reply.stats == ReplyStats(0.2, 20.0, 4, 7, 0.6, "stop")
+
+
+def test_ttft_runs_on_the_apps_clock_from_the_moment_the_message_arrived():
+    received = time.monotonic() - 0.5  # the app spent 0.5 s on the message (say, decoding a video) before vLLM
+    reply = Reply(received=received)
+    reply.add(Delta(metrics=Metrics(ttft_s=0.05, output_tokens=0)))  # no token yet: no TTFT
+    assert reply.first_token_s is None
+    reply.add(Delta(text="Hi", metrics=Metrics(ttft_s=0.05, output_tokens=1)))
+    assert 0.5 <= reply.ttft_s < 5 and reply.stats.ttft_s == reply.ttft_s
+    first = reply.ttft_s
+    reply.add(Delta(text="!", metrics=Metrics(ttft_s=0.05, output_tokens=2)))
+    assert reply.ttft_s == first
+    # A reply restored from the history has no arrival time: it shows the TTFT it was saved with.
+    assert Reply(metrics=Metrics(ttft_s=0.05)).ttft_s == 0.05
 
 
 def test_reply_without_thinking_has_no_thinking_time():
