@@ -78,3 +78,51 @@ def write_full_size_checkpoint(out: Path, *, tokenizer_from: Path, nvfp4: bool) 
         if f.suffix != ".safetensors" and f.name not in {"config.json", "model.safetensors.index.json"}:
             shutil.copy(f, out / f.name)
     return out
+
+
+# google/gemma-4-26B-A4B-it-assistant (transformers' Gemma 4 conversion script): 4 layers that attend over
+# the target's KV cache (so the target's head layout), 0.4 B parameters with the 262144 x 1024 embedding.
+ASSISTANT_TEXT_CONFIG = {
+    "model_type": "gemma4_text",
+    "hidden_size": 1024,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 4,
+    "num_kv_shared_layers": 4,
+    "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "num_global_key_value_heads": 2,
+    "head_dim": 256,
+    "global_head_dim": 512,
+    "attention_k_eq_v": True,
+    "sliding_window": 1024,
+    "vocab_size": 262144,
+    "vocab_size_per_layer_input": 0,
+    "hidden_size_per_layer_input": 0,
+    "enable_moe_block": False,
+    "use_double_wide_mlp": False,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 262144,
+    "rope_parameters": TEXT_CONFIG["rope_parameters"],
+}
+
+
+def write_assistant_checkpoint(out: Path, *, target: Path) -> Path:
+    """The MTP drafter of the full-size model written by `write_full_size_checkpoint(target)`, without weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.loads((target / "config.json").read_text())["text_config"]
+    config = {
+        "architectures": ["Gemma4AssistantForCausalLM"],
+        "model_type": "gemma4_assistant",
+        "backbone_hidden_size": text["hidden_size"],
+        "use_ordered_embeddings": False,
+        "tie_word_embeddings": True,
+        "dtype": "bfloat16",
+        "text_config": {
+            **ASSISTANT_TEXT_CONFIG,
+            **{k: text[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id") if k in text},
+        },
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

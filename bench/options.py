@@ -14,7 +14,11 @@ from bench.workload import Workload, parse_int_list
 from engine.settings import EngineSettings
 
 ARMS = ("raw", "engine", "app")
-DTYPES = ("nvfp4", "bf16")
+DTYPES = ("nvfp4", "bf16", "mtp")  # mtp: NVFP4 with Gemma 4's assistant drafting (MTP speculative decoding)
+# Per-position acceptance of google/gemma-4-26B-A4B-it-assistant drafting 2 tokens for an NVFP4 26B-A4B, measured
+# with real weights on a DGX Spark (github.com/eugr/spark-vllm-docker/issues/343). Random weights accept nothing,
+# so --dummy mtp runs have vLLM's synthetic rejection sampler accept drafts at these rates.
+MTP_ACCEPTANCE = (0.766, 0.545)
 BENCH_MAX_MODEL_LEN = 16384  # 8192-token prompts + 1000 out, with room; the same for every arm
 
 # EngineSettings field -> app.py flag, for the settings the bench sets; others go as --field-name VALUE.
@@ -51,6 +55,16 @@ def name_list(choices: tuple[str, ...]):
         return names
 
     return parse
+
+
+def rate_list(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        rates = ()
+    if not rates or not all(0 <= r <= 1 for r in rates):
+        raise argparse.ArgumentTypeError(f"expected rates between 0 and 1 like 0.77,0.55, got {text!r}")
+    return rates
 
 
 def optional_int(text: str) -> int | None:
@@ -134,6 +148,15 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         metavar="FIELD=VALUE",
         help="any other EngineSettings field (repeatable); the app gets it as --field-name VALUE",
     )
+    g.add_argument("--draft-model", help="mtp configurations: the assistant's folder (--dummy writes one)")
+    g.add_argument(
+        "--mtp-acceptance",
+        type=rate_list,
+        default=MTP_ACCEPTANCE,
+        metavar="R,R",
+        help="mtp configurations with --dummy: per-position acceptance rates that stand in for real ones; "
+        "their count is the number of tokens drafted a step",
+    )
 
 
 def _convert(field: dataclasses.Field, value: str) -> Any:
@@ -149,7 +172,7 @@ def _convert(field: dataclasses.Field, value: str) -> Any:
     return value
 
 
-def engine_settings(ns: argparse.Namespace, *, model: str, load_format: str) -> EngineSettings:
+def engine_settings(ns: argparse.Namespace, *, model: str, load_format: str, dtype: str) -> EngineSettings:
     max_num_seqs = ns.max_num_seqs or max(4, *ns.concurrency)
     settings = EngineSettings(
         model=model,
@@ -164,7 +187,16 @@ def engine_settings(ns: argparse.Namespace, *, model: str, load_format: str) -> 
         linear_backend=ns.linear_backend,
         enforce_eager=ns.enforce_eager,
         load_format=load_format,
+        draft_model=None,  # the app's "auto" would fetch an assistant: only mtp configurations draft
     )
+    if dtype == "mtp":
+        rates = tuple(ns.mtp_acceptance)
+        settings = dataclasses.replace(
+            settings,
+            draft_model=ns.draft_model,
+            num_speculative_tokens=len(rates),
+            synthetic_acceptance=rates if load_format == "dummy" else None,
+        )
     fields = {f.name: f for f in dataclasses.fields(EngineSettings)}
     extra = {k: _convert(fields[k], v) for k, v in ns.engine_setting}
     return dataclasses.replace(settings, **extra)
@@ -184,6 +216,9 @@ def engine_args_for_worker(ns: argparse.Namespace) -> list[str]:
         out.append("--enforce-eager")
     for key, value in ns.engine_setting:
         out += ["--engine-setting", f"{key}={value}"]
+    if ns.draft_model:
+        out += ["--draft-model", str(ns.draft_model)]
+    out += ["--mtp-acceptance", ",".join(map(str, ns.mtp_acceptance))]
     return out
 
 
@@ -196,14 +231,16 @@ def app_command(settings: EngineSettings, *, python: str, app: str, port: int, e
         value = getattr(settings, f.name)
         if f.name not in always and value == getattr(defaults, f.name):
             continue
-        if value is None and f.name != "max_model_len":
-            continue  # the app's default for this flag is None too (nothing else sets it)
+        if value is None and getattr(defaults, f.name) is None:
+            continue  # the app's default for this flag is None too
         flag = APP_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         if isinstance(value, bool):
             if value:
                 cmd.append(flag)
             continue
-        cmd += [flag, "auto" if value is None and f.name == "max_model_len" else str(value)]
+        if value is None:  # the app's words for None
+            value = "auto" if f.name == "max_model_len" else "none"
+        cmd += [flag, str(value)]
     return cmd + list(extra)
 
 

@@ -6,7 +6,7 @@ import re
 import time
 from typing import Any
 
-from bench import bandwidth
+from bench import bandwidth, options
 from bench.workload import headline_prompt_len, mean, percentile
 
 REQUIRED_KEYS = (
@@ -135,7 +135,7 @@ def run_rows(config: dict[str, Any], model_config: dict[str, Any] | None, peak_t
         if model_config is not None and decode:
             bw = bandwidth.fraction_of_peak(
                 model_config,
-                nvfp4=config["dtype"] == "nvfp4",
+                nvfp4=config["dtype"] != "bf16",
                 aggregate_tok_s=decode * c,
                 batch=c,
                 context=p + o // 2,
@@ -183,6 +183,26 @@ def _headline_run(config: dict, prompt_lens: list[int], output_lens: list[int], 
     }
 
 
+def sidebar_vs_client(config: dict[str, Any]) -> dict[str, Any]:
+    """The app arm: what the sidebar showed for each one-stream request over what the bench's client measured.
+
+    TTFT over every such request (the probe's too); decode tok/s over those of more than 100 tokens (a rate
+    over a handful of tokens says little)."""
+    ttft, decode = [], []
+    requests = [s for samples in config.get("ttft_probe", {}).values() for s in samples]
+    requests += [r for run in config.get("runs", []) if run["streams"] == 1 for r in run.get("requests_detail", [])]
+    for r in requests:
+        if r.get("ttft_s") and r.get("engine_ttft_s"):
+            ttft.append(r["engine_ttft_s"] / r["ttft_s"])
+        if r.get("output_tokens", 0) > 100 and r.get("decode_tok_s") and r.get("engine_decode_tok_s"):
+            decode.append(r["engine_decode_tok_s"] / r["decode_tok_s"])
+    return {
+        "ttft_ratios": ttft,
+        "decode_ratios": decode,
+        "max_deviation": max((abs(x - 1) for x in ttft + decode), default=None),
+    }
+
+
 def headline(configs: list[dict], workload: dict[str, Any]) -> dict[str, Any]:
     """The issue's keys: one-stream decode per dtype (raw arm) and the Engine/app arms against raw."""
     prompt_lens, output_lens = list(workload["prompt_lens"]), list(workload["output_lens"])
@@ -191,7 +211,7 @@ def headline(configs: list[dict], workload: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "headline_run": {"prompt_len": head_p, "output_len": max(output_lens, default=None), "streams": 1},
     }
-    for dtype in ("nvfp4", "bf16"):
+    for dtype in options.DTYPES:
         value, source = None, None
         for arm in ("raw", "engine", "app"):  # raw is the reference; the others only if raw has no number
             config = _find(configs, arm, dtype)
@@ -201,6 +221,7 @@ def headline(configs: list[dict], workload: dict[str, Any]) -> dict[str, Any]:
                 break
         out[f"{dtype}_decode_tok_s_bs1"] = value
         out[f"{dtype}_decode_tok_s_bs1_arm"] = source
+    out["mtp_vs_nvfp4_decode_bs1"] = _ratio(out["mtp_decode_tok_s_bs1"], out["nvfp4_decode_tok_s_bs1"])
     tok_s: dict[str, Any] = {}
     tok_s_many: dict[str, Any] = {}
     ttft: dict[str, Any] = {}
@@ -227,6 +248,8 @@ def headline(configs: list[dict], workload: dict[str, Any]) -> dict[str, Any]:
     out["app_vs_raw_tok_s"] = tok_s  # arm decode tok/s / raw decode tok/s, one stream: below 1 = slower
     out["app_vs_raw_ttft"] = ttft  # arm TTFT p50 / raw TTFT p50, one stream: above 1 = slower
     out["app_vs_raw_aggregate_tok_s"] = tok_s_many  # at the largest concurrency
+    app = next((c for d in options.DTYPES if (c := _find(configs, "app", d))), None)
+    out["sidebar_vs_client"] = None if app is None else sidebar_vs_client(app)
     return out
 
 
@@ -294,6 +317,21 @@ def _f(value: Any, spec: str = ".1f", scale: float = 1.0) -> str:
     return format(value * scale, spec)
 
 
+def _sidebar_line(agreement: dict[str, Any] | None) -> list[str]:
+    if not agreement or agreement["max_deviation"] is None:
+        return []
+
+    def span(xs: list[float]) -> str:
+        return f"×{min(xs):.3f}–×{max(xs):.3f} ({len(xs)} requests)" if xs else "no requests"
+
+    return [
+        f"**The app's sidebar against the bench's client (one stream):** TTFT {span(agreement['ttft_ratios'])}, "
+        f"decode tok/s {span(agreement['decode_ratios'])}; largest deviation "
+        f"{agreement['max_deviation'] * 100:.1f} %.",
+        "",
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Benchmark {results.get('date', '')} · {results.get('gpu') or 'no GPU'}", ""]
     v = results.get("versions") or {}
@@ -316,7 +354,16 @@ def markdown(results: dict[str, Any]) -> str:
     tok, ttft, agg = results["app_vs_raw_tok_s"], results["app_vs_raw_ttft"], results["app_vs_raw_aggregate_tok_s"]
     lines += [
         f"**One stream, {h.get('prompt_len')}-token prompt, {h.get('output_len')} tokens out:** "
-        f"NVFP4 {_f(results['nvfp4_decode_tok_s_bs1'])} tok/s, BF16 {_f(results['bf16_decode_tok_s_bs1'])} tok/s.",
+        f"NVFP4 {_f(results['nvfp4_decode_tok_s_bs1'])} tok/s, BF16 {_f(results['bf16_decode_tok_s_bs1'])} tok/s"
+        + (
+            f", NVFP4 + MTP drafter {_f(results['mtp_decode_tok_s_bs1'])} tok/s "
+            f"(×{_f(results.get('mtp_vs_nvfp4_decode_bs1'), '.2f')} NVFP4"
+            + (f"; stand-in acceptance {results['mtp_acceptance']}" if results.get("dummy") else "")
+            + ")"
+            if results.get("mtp_decode_tok_s_bs1")
+            else ""
+        )
+        + ".",
         "",
         f"**Against raw vLLM ({results.get('app_vs_raw_dtype')}):** "
         f"decode tok/s engine ×{_f(tok.get('engine'), '.3f')}, app ×{_f(tok.get('app'), '.3f')}; "
@@ -324,6 +371,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"aggregate tok/s at the most streams engine ×{_f(agg.get('engine'), '.3f')}, "
         f"app ×{_f(agg.get('app'), '.3f')}.",
         "",
+        *_sidebar_line(results.get("sidebar_vs_client")),
         "| arm | dtype | prompt | out | streams | TTFT p50 ms | TTFT p95 ms | vLLM TTFT p50 ms | decode tok/s a stream "
         "| aggregate tok/s | % of peak BW | tokens out |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -36,7 +36,14 @@ DEFAULT_CONFIGS = "raw:nvfp4,engine:nvfp4,app:nvfp4,raw:bf16"
 # Rough costs on an H100/H200, for the dry-run estimate and the time budget (see NOTES.md).
 # On an H200 the tiny test model took 117 s cold / 66 s warm (~20 s of each between vLLM's "init engine" line and
 # AsyncLLM returning); the full-size NVFP4 model was seen at 75-140 s.
-START_S = {("nvfp4", "cold"): 140.0, ("nvfp4", "warm"): 80.0, ("bf16", "cold"): 150.0, ("bf16", "warm"): 90.0}
+START_S = {
+    ("nvfp4", "cold"): 140.0,
+    ("nvfp4", "warm"): 80.0,
+    ("bf16", "cold"): 150.0,
+    ("bf16", "warm"): 90.0,
+    ("mtp", "cold"): 170.0,
+    ("mtp", "warm"): 100.0,
+}
 APP_START_EXTRA_S = 15.0  # gradio import, server, readiness polling
 STOP_S = 10.0
 WORKER = [sys.executable, "-m", "bench.worker"]  # tests swap in a worker with a fake engine
@@ -157,8 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     ns = p.parse_args(argv)
     if ns.arms or ns.dtypes:
-        arms, dtypes = ns.arms or options.ARMS, ns.dtypes or options.DTYPES
+        arms, dtypes = ns.arms or options.ARMS, ns.dtypes or ("nvfp4", "bf16")
         ns.configs = [(a, d) for d in dtypes for a in arms]
+    if ns.dummy and ("app", "mtp") in ns.configs:
+        p.error("app:mtp needs a real checkpoint: the app takes no stand-in acceptance rates (use raw/engine:mtp)")
     if not ns.dummy and not ns.model and not ns.bf16_model:
         p.error("give --dummy, or --model DIR (and --bf16-model DIR for the bf16 configurations)")
     if ns.dummy and (ns.model or ns.bf16_model):
@@ -415,14 +424,23 @@ def prepare_models(ns: argparse.Namespace, work: Path) -> dict[str, str]:
     if ns.dummy:
         from bench import dummy
 
-        return {
-            d: str(dummy.prepare(work / "checkpoints", nvfp4=d == "nvfp4", tokenizer_from=ns.tokenizer_from,
+        models = {
+            d: str(dummy.prepare(work / "checkpoints", nvfp4=d != "bf16", tokenizer_from=ns.tokenizer_from,
                                  widen=not ns.no_widen_tokenizer))
             for d in sorted(dtypes)
         }  # fmt: skip
+        if "mtp" in models and not ns.draft_model:
+            from bench.checkpoints import write_assistant_checkpoint
+
+            ns.draft_model = str(
+                write_assistant_checkpoint(work / "checkpoints" / "assistant", target=Path(models["mtp"]))
+            )
+        return models
     models = {}
     if ns.model and "nvfp4" in dtypes:
         models["nvfp4"] = ns.model
+    if ns.model and ns.draft_model and "mtp" in dtypes:
+        models["mtp"] = ns.model
     if ns.bf16_model and "bf16" in dtypes:
         models["bf16"] = ns.bf16_model
     return models
@@ -471,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     if app_plans:
         from bench.app_client import free_port
 
-        settings = options.engine_settings(ns, model=app_plans[0].model, load_format="dummy" if ns.dummy else "auto")
+        settings = options.engine_settings(
+            ns, model=app_plans[0].model, load_format="dummy" if ns.dummy else "auto", dtype=app_plans[0].dtype
+        )
         probe = options.app_command(settings, python=sys.executable, app="app.py", port=free_port(), extra=ns.app_arg)
         missing = app_flags_missing(probe)
         if missing:
@@ -502,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {p: _version(p) for p in ("vllm", "torch", "transformers", "gradio", "gradio_client")},
         "dummy": ns.dummy,
         "models": models,
+        "mtp_acceptance": list(ns.mtp_acceptance) if "mtp" in models else None,
         "workload": w.to_dict(),
         "engine_flags": options.engine_args_for_worker(ns),
         "peak_bandwidth_tb_s": ns.peak_bandwidth_tbs,

@@ -1,6 +1,6 @@
 """One configuration of the benchmark: start one engine, replay the workload, write a JSON of what happened.
 
-    python -m bench.worker --arm raw|engine|app --dtype nvfp4|bf16 --model DIR --prompts FILE --out FILE [...]
+    python -m bench.worker --arm raw|engine|app --dtype nvfp4|bf16|mtp --model DIR --prompts FILE --out FILE [...]
 
 Arms, all on the same EngineSettings:
   raw     vLLM's AsyncLLM with VllmEngine's own engine_args (and load-time patches), token-id prompts,
@@ -77,13 +77,10 @@ def versions() -> dict[str, str | None]:
 
 
 def greedy_options(max_tokens: int):
-    """Greedy SamplingOptions; with ignore_eos when engine.base grows that field."""
+    """Greedy, and exactly `max_tokens` long: every arm gets the same work."""
     from engine.base import SamplingOptions
 
-    options_ = SamplingOptions(temperature=0.0, max_tokens=max_tokens)
-    if "ignore_eos" in {f.name for f in dataclasses.fields(SamplingOptions)}:
-        options_ = dataclasses.replace(options_, ignore_eos=True)
-    return options_
+    return SamplingOptions(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
 class RawArm:
@@ -97,7 +94,7 @@ class RawArm:
 
     async def start(self) -> None:
         import patches
-        from engine import model_source, vllm_backend
+        from engine import drafter, model_source, vllm_backend
 
         checkpoint = await asyncio.to_thread(
             model_source.resolve, self.settings.model, weights=self.settings.load_format != "dummy"
@@ -110,7 +107,8 @@ class RawArm:
         gpu = vllm_backend.gpu_facts()
         if gpu.capability is None:
             raise RuntimeError("vLLM needs an NVIDIA GPU and none is visible")
-        args = vllm_backend.engine_args(self.settings, checkpoint, gpu, self.notes)
+        draft = drafter.resolve(self.settings, checkpoint, lambda fraction, detail: None, self.notes)
+        args = vllm_backend.engine_args(self.settings, checkpoint, gpu, self.notes, draft)
         self.info["engine_args"] = {k: repr(v) for k, v in sorted(vars(args).items()) if v not in (None, {}, [])}
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")  # as VllmEngine does
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -125,7 +123,6 @@ class RawArm:
         from engine.vllm_backend import request_metrics, sampling_params
 
         params = sampling_params(greedy_options(max_tokens))
-        params.ignore_eos = True  # exact output lengths; raw vLLM can, the Engine protocol cannot (yet)
         submitted = time.perf_counter()
         first = last = final = None
         tokens = first_tokens = chunks = 0
@@ -294,7 +291,7 @@ class Worker:
         self.out = Path(ns.out)
         self.workload: Workload = options.workload_from(ns)
         load_format = "dummy" if ns.dummy else "auto"
-        self.settings = options.engine_settings(ns, model=ns.model, load_format=load_format)
+        self.settings = options.engine_settings(ns, model=ns.model, load_format=load_format, dtype=ns.dtype)
         if ns.arm == "raw":
             self.arm = RawArm(self.settings)
         elif ns.arm == "engine":

@@ -4,6 +4,7 @@ with a fake engine (the driver and workers end to end; the app arm against the r
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import sys
 import textwrap
@@ -169,7 +170,7 @@ def test_cli_parses_the_matrix_flags():
     )
     assert ns.configs == [("raw", "nvfp4"), ("app", "nvfp4")]
     assert ns.prompt_lens == (512, 2048) and ns.concurrency == (1, 4)
-    settings = options.engine_settings(ns, model="/m", load_format="dummy")
+    settings = options.engine_settings(ns, model="/m", load_format="dummy", dtype="nvfp4")
     assert settings.attention_backend == "TRITON_ATTN" and settings.moe_backend == "marlin"
     assert settings.max_images_per_prompt == 2 and settings.max_num_seqs == 4 and settings.max_model_len == 16384
     default = run.parse_args(["--dummy"])
@@ -208,21 +209,21 @@ def test_worker_command_lines_carry_the_same_settings(tmp_path):
         ("raw-bf16-restart", "warm", True),  # bf16 has one configuration: --start-times restarts it
     ]
     assert [p.cache_state for p in run.plan_workers(ns, models, {"nvfp4", "bf16"})][0] == "warm"
-    driver_settings = options.engine_settings(ns, model="/ckpt/nv", load_format="dummy")
+    driver_settings = options.engine_settings(ns, model="/ckpt/nv", load_format="dummy", dtype="nvfp4")
     for plan in plans:
         cmd = run.worker_command(ns, plan, tmp_path / "prompts.json", tmp_path)
         assert cmd[:3] == [sys.executable, "-m", "bench.worker"]
         wns = worker.parse_args(cmd[3:])
         assert (wns.arm, wns.dtype, wns.model, wns.dummy) == (plan.arm, plan.dtype, plan.model, True)
         assert options.workload_from(wns) == options.workload_from(ns)
-        assert options.engine_settings(wns, model="/ckpt/nv", load_format="dummy") == driver_settings
+        assert options.engine_settings(wns, model="/ckpt/nv", load_format="dummy", dtype="nvfp4") == driver_settings
         assert wns.start_only == plan.start_only and (wns.prompts is None) == plan.start_only
         assert (wns.app_log is not None) == (plan.arm == "app")
 
 
 def test_app_command_has_the_engine_settings_under_app_py_flags():
     ns = run.parse_args("--dummy --attention-backend TRITON_ATTN --engine-setting max_video_frames=8".split())
-    settings = options.engine_settings(ns, model="/ckpt", load_format="dummy")
+    settings = options.engine_settings(ns, model="/ckpt", load_format="dummy", dtype="nvfp4")
     cmd = options.app_command(settings, python="py", app="app.py", port=7999)
     text = " ".join(cmd)
     for part in ("--no-browser", "--port 7999", "--model /ckpt", "--backend vllm", "--max-model-len 16384",
@@ -230,7 +231,25 @@ def test_app_command_has_the_engine_settings_under_app_py_flags():
                  "--attention-backend TRITON_ATTN", "--load-format dummy", "--max-video-frames 8"):  # fmt: skip
         assert part in text, part
     assert "--moe-backend" not in text and "--enforce-eager" not in text  # defaults stay the app's
+    assert "--draft-model none" in text  # the app's "auto" would fetch an assistant; only mtp drafts
     assert "--load-format" in options.app_flags_needed(cmd)
+
+
+def test_mtp_configurations_draft_with_the_assistant_at_stand_in_acceptance_rates(tmp_path):
+    ns = run.parse_args("--dummy --configs raw:nvfp4,raw:mtp,engine:mtp --mtp-acceptance 0.8,0.6,0.3".split())
+    models = run.prepare_models(ns, tmp_path)
+    assert models["mtp"] == models["nvfp4"]  # the same NVFP4 model, plus its drafter
+    assert json.loads((Path(ns.draft_model) / "config.json").read_text())["model_type"] == "gemma4_assistant"
+    for plan in run.plan_workers(ns, models, set()):
+        wns = worker.parse_args(run.worker_command(ns, plan, tmp_path / "prompts.json", tmp_path)[3:])
+        settings = options.engine_settings(wns, model=plan.model, load_format="dummy", dtype=plan.dtype)
+        if plan.dtype == "mtp":
+            assert settings.draft_model == ns.draft_model and settings.num_speculative_tokens == 3
+            assert settings.synthetic_acceptance == (0.8, 0.6, 0.3)
+        else:
+            assert settings.draft_model is None and settings.synthetic_acceptance is None
+    with pytest.raises(SystemExit):  # the app takes no stand-in rates
+        run.parse_args("--dummy --configs app:mtp".split())
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -526,3 +545,40 @@ def test_app_arm_times_the_chat_api_of_the_real_ui(tmp_path):
     finally:
         assert app.stop() is not None
     assert not app.alive()
+
+
+def test_the_sidebar_is_compared_with_the_client_request_by_request():
+    def request(ttft_s, sidebar_ttft_s, tokens, rate, sidebar_rate):
+        return {"ttft_s": ttft_s, "engine_ttft_s": sidebar_ttft_s, "output_tokens": tokens,
+                "decode_tok_s": rate, "engine_decode_tok_s": sidebar_rate}  # fmt: skip
+
+    app = {
+        "ttft_probe": {"2048": [request(0.200, 0.196, 8, 150.0, 160.0)]},  # 8 tokens: its rate is not compared
+        "runs": [
+            {"streams": 1, "requests_detail": [request(0.210, 0.205, 1000, 240.0, 242.4)]},
+            {"streams": 4, "requests_detail": [request(0.900, 0.300, 1000, 100.0, 200.0)] * 4},  # not one stream
+        ],
+    }
+    agreement = report.sidebar_vs_client(app)
+    assert agreement["ttft_ratios"] == pytest.approx([0.98, 0.205 / 0.210])
+    assert agreement["decode_ratios"] == pytest.approx([1.01])
+    assert agreement["max_deviation"] == pytest.approx(1 - 0.205 / 0.210)
+    assert "largest deviation 2.4 %" in report._sidebar_line(agreement)[0]
+
+
+def test_the_profile_summary_counts_gpu_busy_time_once_where_kernels_overlap(tmp_path):
+    from bench import profile
+
+    events = [
+        {"cat": "kernel", "name": "gemm", "ts": 0.0, "dur": 100.0},
+        {"cat": "kernel", "name": "moe", "ts": 50.0, "dur": 100.0},  # overlaps the gemm by 50 us
+        {"cat": "kernel", "name": "gemm", "ts": 300.0, "dur": 100.0},  # 150 us idle before it
+        {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0.0, "dur": 5.0},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 500.0},
+    ]
+    trace = tmp_path / "t.json.gz"
+    trace.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    s = profile.summarize(trace, steps=1)
+    assert s["gpu_window_ms"] == pytest.approx(0.4) and s["gpu_busy_ms"] == pytest.approx(0.25)
+    assert s["kernels_per_step"] == 3 and s["graph_launches_per_step"] == 1
+    assert s["top_kernels_us_per_step"][0] == ("gemm", 200.0)

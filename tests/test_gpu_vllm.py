@@ -4,6 +4,7 @@ Run on the device machine: `python -m pytest -m gpu tests/test_gpu_vllm.py -s` p
 """
 
 import asyncio
+import os
 
 import pytest
 
@@ -108,3 +109,31 @@ async def test_tiny_vision_answers_about_an_image_and_a_video(tiny_vision_model_
             assert last.metrics.prompt_tokens == expected
     finally:
         await engine.shutdown()
+
+
+async def test_tiny_mtp_drafting_keeps_the_greedy_reply(tiny_model_dir, tiny_assistant_dir):
+    """Speculative decoding must not change what greedy decoding says: every drafted token is checked."""
+    prompt = "Tell me a story about a fox."
+    replies = {}
+    for draft in (None, str(tiny_assistant_dir)):
+        settings = EngineSettings(
+            model=str(tiny_model_dir),
+            max_model_len=2048,
+            gpu_memory_utilization=0.3,
+            draft_model=draft,
+            attention_backend="TRITON_ATTN",  # what drafting needs: the same kernels in both runs
+        )
+        engine = await started(settings)
+        try:
+            deltas, metrics = await stream_one_reply(engine, prompt, max_tokens=64, ignore_eos=True)
+            replies[draft is not None] = "".join(d.text for d in deltas)
+            print(
+                f"\ntiny bf16 {'with' if draft else 'without'} MTP drafter: {metrics.output_tokens} tokens in "
+                f"{len(deltas)} deltas, {metrics.decode_tok_s:.0f} tok/s; notes: {engine.notes}"
+            )
+        finally:
+            await engine.shutdown()
+    plain, drafted = replies[False], replies[True]
+    same = len(os.path.commonprefix([plain, drafted]))
+    print(f"greedy replies agree on their first {same} of {len(plain)} characters")
+    assert drafted == plain
