@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import patches
+import patches.mtp
 from engine import drafter, model_source
 from engine.base import (
     Delta,
@@ -302,6 +303,8 @@ class VllmEngine:
             draft = await asyncio.to_thread(
                 drafter.resolve, self.settings, checkpoint, self._download_progress("MTP drafter: "), self.notes
             )
+            if draft is not None and (fixed := patches.mtp.install()):
+                self.notes.append(fixed)
             args = engine_args(self.settings, checkpoint, gpu, self.notes, draft)
             self._report(EngineStatus(Stage.LOADING, f"starting vLLM on {gpu.name}"))
             watcher = LoadWatcher(self._report, self.notes)
