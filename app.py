@@ -166,7 +166,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=_draft_model,
         default=d.draft_model,
         help="Gemma 4 assistant for MTP speculative decoding (vllm backend): folder, hub id, auto (the assistant "
-        "published with the model; skipped with a note when it can't be had) or none",
+        "published with the model; skipped with a note when it can't be had) or none. Helps one stream a little, "
+        "costs several streams much (README: measured results)",
     )
     p.add_argument(
         "--num-speculative-tokens",

@@ -187,7 +187,7 @@ def engine_settings(ns: argparse.Namespace, *, model: str, load_format: str, dty
         linear_backend=ns.linear_backend,
         enforce_eager=ns.enforce_eager,
         load_format=load_format,
-        draft_model=None,  # the app's "auto" would fetch an assistant: only mtp configurations draft
+        draft_model=None,  # only mtp configurations draft, whatever the app's default
     )
     if dtype == "mtp":
         rates = tuple(ns.mtp_acceptance)

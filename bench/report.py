@@ -395,7 +395,8 @@ def markdown(results: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "One-stream TTFT (TTFT probe + one-stream runs), client clock; vLLM's own first_token_latency beside it:",
+        "One-stream TTFT (TTFT probe + one-stream runs), client clock; beside it vLLM's own first_token_latency "
+        "(for the app arm: what its sidebar showed):",
         "",
         "| arm | dtype | prompt | samples | p50 ms | p95 ms | vLLM p50 ms | vLLM p95 ms |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

@@ -273,6 +273,7 @@ class HistoryPanel:
 
         async def chat(message: Any, history: list[dict[str, Any]], *args: Any) -> AsyncIterator[Any]:
             *inner_args, conversation_id, session_owner, request = args
+            ui.MESSAGE_ARRIVED.set(ui.arrived(request))  # inner's TTFT clock starts there
             wait = self.limiter.wait_s(request.session_hash or "")
             if wait:
                 note = ui._note(f"⏳ {rate_note(self.limiter.per_minute, wait)}")

@@ -27,9 +27,10 @@ class EngineSettings:
     attention_backend: str | None = None  # None: vLLM's choice, TRITON_ATTN when FA4's deps are missing
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks, GPU tests)
     enforce_eager: bool = False
-    # speculative decoding with Gemma 4's assistant (MTP drafter): a folder, a hub id, "auto" (the published
-    # assistant of a known Gemma 4 model, skipped with a note when it can't be had) or None (off)
-    draft_model: str | None = "auto"
+    # Speculative decoding with Gemma 4's assistant (MTP drafter): a folder, a hub id, "auto" (the published
+    # assistant of a known Gemma 4 model, skipped with a note when it can't be had) or None. Off by default:
+    # on an H200 it gained 10 % for one stream and halved four streams' throughput (bench/NOTES.md).
+    draft_model: str | None = None
     num_speculative_tokens: int = 2
     # Benchmarks on random weights only: vLLM accepts drafts at these per-position rates instead of checking them.
     synthetic_acceptance: tuple[float, ...] | None = None

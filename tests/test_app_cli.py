@@ -40,7 +40,7 @@ FLAG_DEFAULTS = {
     "--attention-backend": "None",
     "--no-browser": "False",
     "--load-format": "auto",
-    "--draft-model": "auto",
+    "--draft-model": "None",
     "--num-speculative-tokens": "2",
     "--max-video-frames": "32",
     "--video-fps": "1.0",
@@ -126,6 +126,7 @@ def test_max_model_len_auto_means_the_models_own():
 
 
 def test_draft_model_none_switches_mtp_off():
+    assert app.settings_from_args(app.parse_args(["--draft-model", "auto"])).draft_model == "auto"
     assert app.settings_from_args(app.parse_args(["--draft-model", "none"])).draft_model is None
 
 
