@@ -521,50 +521,49 @@ demo.launch(server_name="127.0.0.1", server_port=ns.port, quiet=True, **launch_o
 """
 
 
-def test_app_arm_times_the_chat_api_of_the_real_ui(tmp_path):
-    from bench.app_client import AppClient, AppProcess, free_port, run_concurrently, wait_until_ready
+@pytest.fixture(scope="module")
+def fake_app(tmp_path_factory):
+    """The real chat UI over a fake engine, in its own process: (process, time it answered, url)."""
+    from bench.app_client import AppProcess, free_port, wait_until_ready
 
-    script = tmp_path / "fake_app.py"
+    folder = tmp_path_factory.mktemp("fake-app")
+    script = folder / "fake_app.py"
     script.write_text(textwrap.dedent(FAKE_APP.format(root=str(ROOT))))
     port = free_port()
-    app = AppProcess([sys.executable, str(script), "--port", str(port)], cwd=ROOT, log_path=tmp_path / "app.log",
+    app = AppProcess([sys.executable, str(script), "--port", str(port)], cwd=ROOT, log_path=folder / "app.log",
                      env={"GRADIO_ANALYTICS_ENABLED": "False"})  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}/"
-        ready = wait_until_ready(url, app, timeout_s=120)
-        assert ready - app.started > 1.0  # it waited out the fake load
-        client = AppClient(url)
-        one = client.request(client.session(), "hello", 150, expected_prompt_tokens=5)
-        assert one.error is None and one.output_tokens == 150 and one.prompt_tokens == 11
-        assert one.timing == "sse-arrival" and one.chunks >= 2
-        assert 0.02 < one.ttft_s < 2.0 and 0.015 < one.engine_ttft_s < 0.5
-        assert one.decode_tok_s == pytest.approx(one.engine_decode_tok_s, rel=0.5)  # client vs app clock
-        two = run_concurrently(client.request, [(client.session(), f"hi {i}", 30) for i in range(2)])
-        assert [r.output_tokens for r in two] == [30, 30]
-        s = summarize_run(Run(8, 30, 2), two)
-        assert s["overlapped"] is True  # the app's queue lets both run together
+        yield app, wait_until_ready(url, app, timeout_s=120), url
     finally:
         assert app.stop() is not None
     assert not app.alive()
 
 
-def test_the_sidebars_ttft_starts_when_the_message_reaches_the_server(tmp_path):
+def test_app_arm_times_the_chat_api_of_the_real_ui(fake_app):
+    from bench.app_client import AppClient, run_concurrently
+
+    app, ready, url = fake_app
+    assert ready - app.started > 1.0  # it waited out the fake load
+    client = AppClient(url)
+    one = client.request(client.session(), "hello", 150, expected_prompt_tokens=5)
+    assert one.error is None and one.output_tokens == 150 and one.prompt_tokens == 11
+    assert one.timing == "sse-arrival" and one.chunks >= 2
+    assert 0.02 < one.ttft_s < 2.0 and 0.015 < one.engine_ttft_s < 0.5
+    assert one.decode_tok_s == pytest.approx(one.engine_decode_tok_s, rel=0.5)  # client vs app clock
+    two = run_concurrently(client.request, [(client.session(), f"hi {i}", 30) for i in range(2)])
+    assert [r.output_tokens for r in two] == [30, 30]
+    s = summarize_run(Run(8, 30, 2), two)
+    assert s["overlapped"] is True  # the app's queue lets both run together
+
+
+def test_the_sidebars_ttft_starts_when_the_message_reaches_the_server(fake_app):
     """Gradio's queue takes ~20 ms between the HTTP request and the chat function (measured on a 2-core machine);
     the sidebar's TTFT counts it, so a client sees only the network and one SSE message more."""
-    from bench.app_client import AppClient, AppProcess, free_port, wait_until_ready
+    from bench.app_client import AppClient
 
-    script = tmp_path / "fake_app.py"
-    script.write_text(textwrap.dedent(FAKE_APP.format(root=str(ROOT))))
-    port = free_port()
-    app = AppProcess([sys.executable, str(script), "--port", str(port)], cwd=ROOT, log_path=tmp_path / "app.log",
-                     env={"GRADIO_ANALYTICS_ENABLED": "False"})  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_until_ready(url, app, timeout_s=120)
-        client = AppClient(url)
-        gaps = [r.ttft_s - r.engine_ttft_s for r in (client.request(client.session(), "hi", 4) for _ in range(7))]
-    finally:
-        app.stop()
+    client = AppClient(fake_app[2])
+    gaps = [r.ttft_s - r.engine_ttft_s for r in (client.request(client.session(), "hi", 4) for _ in range(7))]
     assert all(gap > 0 for gap in gaps)  # the client's clock starts first
     assert sorted(gaps)[3] < 0.012, gaps  # without the arrival stamp: ~0.019 s here
 
