@@ -67,8 +67,9 @@ class Reply:
     finish_reason: str | None = None
     reasoning_s: float | None = None  # time to the first answer text after thinking; None while thinking
     error: str | None = None
-    # time.monotonic() when the app got the message: TTFT then counts what the app did before the engine
-    # (media decoding, the chat template, the context check) as the user waits for it too
+    # time.monotonic() when the message reached the server (chat.ui stamps the HTTP request): TTFT then counts
+    # Gradio's queue and what the app does before the engine (media, chat template, context check), as the
+    # user waits for those too
     received: float | None = None
     first_token_s: float | None = None
 
