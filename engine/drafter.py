@@ -2,8 +2,8 @@
 
 Google publishes one assistant per Gemma 4 model (0.4 B parameters for 26B-A4B). It reads the target's KV
 cache and last hidden state, so it fits only the model it was trained with; vLLM recognises it by its
-model_type and runs it as MTP speculative decoding. Greedy output is unchanged: every drafted token is
-checked by the target model, and one step yields 1 to 1 + num_speculative_tokens tokens.
+model_type and runs it as MTP speculative decoding. Greedy output is unchanged up to rounding: every drafted
+token is checked by the target model, and one step yields 1 to 1 + num_speculative_tokens tokens.
 """
 
 from __future__ import annotations
