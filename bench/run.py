@@ -30,6 +30,7 @@ from typing import Any
 
 from bench import options, report
 from bench.workload import Workload
+from engine.gpu import visible_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = "raw:nvfp4,engine:nvfp4,app:nvfp4,raw:bf16"
@@ -244,9 +245,7 @@ def gpu_name() -> str | None:
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0))
+        name = pynvml.nvmlDeviceGetName(visible_gpu())
         return name.decode() if isinstance(name, bytes) else name
     except Exception:
         return None
@@ -256,11 +255,7 @@ def gpu_used_fraction() -> float | None:
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-        info = pynvml.nvmlDeviceGetMemoryInfo(
-            pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
-        )
+        info = pynvml.nvmlDeviceGetMemoryInfo(visible_gpu())
         return info.used / info.total
     except Exception:
         return None

@@ -32,6 +32,7 @@ from typing import Any  # noqa: E402
 
 from bench import options  # noqa: E402
 from bench.workload import Prompt, PromptSet, RequestResult, Run, Workload, summarize_run  # noqa: E402
+from engine.gpu import visible_gpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 _TAG = "worker"
@@ -49,9 +50,7 @@ def gpu_memory() -> dict[str, Any]:
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+        handle = visible_gpu()
         info = pynvml.nvmlDeviceGetMemoryInfo(handle)
         name = pynvml.nvmlDeviceGetName(handle)
         return {

@@ -36,6 +36,7 @@ from engine.base import (
     SamplingOptions,
     Stage,
 )
+from engine.gpu import visible_gpu
 from engine.metrics import decode_rate
 from engine.model_source import Checkpoint
 from engine.prompt import render_chat, take_media
@@ -416,13 +417,7 @@ def _gpu_memory_gib() -> tuple[float | None, float | None]:
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(_first_visible_gpu()))
+        info = pynvml.nvmlDeviceGetMemoryInfo(visible_gpu())
         return info.used / 2**30, info.total / 2**30
     except Exception:  # no NVML (CPU machine, container without the driver library): nothing to show
         return None, None
-
-
-def _first_visible_gpu() -> int:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    return int(visible) if visible.isdigit() else 0
