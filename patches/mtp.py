@@ -16,6 +16,7 @@ import logging
 
 log = logging.getLogger("patches")
 WIDTH_GUARD = "target_dim != draft_dim"  # the guard's test in vLLM's source
+NOTE = "MTP drafter reads the model's embedding (vLLM issue 47794)"
 
 
 def install() -> str | None:
@@ -24,7 +25,7 @@ def install() -> str | None:
 
     original = SpecDecodeBaseProposer._maybe_share_embeddings
     if getattr(original, "shares_mtp_embeddings", False):
-        return "MTP drafter reads the model's embedding (vLLM issue 47794)"
+        return NOTE
     if WIDTH_GUARD not in inspect.getsource(original):
         return None  # a vLLM without the guard shares the embedding with MTP drafts itself
 
@@ -42,4 +43,4 @@ def install() -> str | None:
 
     maybe_share_embeddings.shares_mtp_embeddings = True
     SpecDecodeBaseProposer._maybe_share_embeddings = maybe_share_embeddings
-    return "MTP drafter reads the model's embedding (vLLM issue 47794)"
+    return NOTE
