@@ -93,7 +93,6 @@ class RawArm:
 
     async def start(self) -> None:
         import patches
-        import patches.mtp
         from engine import drafter, model_source, vllm_backend
 
         checkpoint = await asyncio.to_thread(
@@ -108,8 +107,7 @@ class RawArm:
         if gpu.capability is None:
             raise RuntimeError("vLLM needs an NVIDIA GPU and none is visible")
         draft = drafter.resolve(self.settings, checkpoint, lambda fraction, detail: None, self.notes)
-        if draft is not None and (fixed := patches.mtp.install()):
-            self.notes.append(fixed)
+        vllm_backend.install_vllm_fixes(checkpoint, draft, self.notes)
         args = vllm_backend.engine_args(self.settings, checkpoint, gpu, self.notes, draft)
         self.info["engine_args"] = {k: repr(v) for k, v in sorted(vars(args).items()) if v not in (None, {}, [])}
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")  # as VllmEngine does

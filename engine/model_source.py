@@ -24,6 +24,7 @@ class Checkpoint:
     quant_algo: str | None  # "NVFP4" for the ModelOpt checkpoint, None for BF16
     has_vision: bool  # a vision tower and the processor files that image and video prompts need
     context_length: int  # the text model's max_position_embeddings
+    router_shape: tuple[int, int] | None = None  # (hidden size, experts) of the MoE router; None: no experts
 
     @property
     def nvfp4(self) -> bool:
@@ -109,10 +110,13 @@ def inspect(path: Path, *, weights: bool = True) -> Checkpoint:
             )
     if weights and not any(path.glob("*.safetensors")):
         raise EngineError(f"{path} has no *.safetensors weights.")
+    text = config.get("text_config") or config
+    experts = text.get("num_experts") if text.get("enable_moe_block", True) else None
     return Checkpoint(
         path=path,
         architecture=sorted(architectures & GEMMA4_ARCHITECTURES)[0],
         quant_algo=quant_algo,
         has_vision=config.get("vision_config") is not None and any((path / f).is_file() for f in PROCESSOR_FILES),
-        context_length=int((config.get("text_config") or config).get("max_position_embeddings", 0)),
+        context_length=int(text.get("max_position_embeddings", 0)),
+        router_shape=(int(text["hidden_size"]), int(experts)) if experts else None,
     )

@@ -25,6 +25,7 @@ from typing import Any
 
 import patches
 import patches.mtp
+import patches.warmup
 from engine import drafter, model_source
 from engine.base import (
     Delta,
@@ -71,6 +72,14 @@ def gpu_facts() -> GpuFacts:
     if capability is None:
         return GpuFacts(None)
     return GpuFacts((capability.major, capability.minor), current_platform.get_device_name())
+
+
+def install_vllm_fixes(checkpoint: Checkpoint, draft: Path | None, notes: list[str]) -> None:
+    """Fixes to vLLM's own code for this model, installed here before vLLM forks its engine process."""
+    if fixed := patches.warmup.install(checkpoint.router_shape):
+        log.info(fixed)
+    if draft is not None and (fixed := patches.mtp.install()):
+        notes.append(fixed)
 
 
 def flash_attention_4_usable() -> bool:
@@ -304,8 +313,7 @@ class VllmEngine:
             draft = await asyncio.to_thread(
                 drafter.resolve, self.settings, checkpoint, self._download_progress("MTP drafter: "), self.notes
             )
-            if draft is not None and (fixed := patches.mtp.install()):
-                self.notes.append(fixed)
+            install_vllm_fixes(checkpoint, draft, self.notes)
             args = engine_args(self.settings, checkpoint, gpu, self.notes, draft)
             self._report(EngineStatus(Stage.LOADING, f"starting vLLM on {gpu.name}"))
             watcher = LoadWatcher(self._report, self.notes)
