@@ -79,6 +79,14 @@ def _max_model_len(value: str) -> int | None:
     return int(value)
 
 
+def _tokens_or_none(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    if not value.isdigit() or int(value) == 0:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'none', got {value!r}")
+    return int(value)
+
+
 def _draft_model(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
@@ -162,6 +170,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--load-format", default=d.load_format, help="vLLM weight loading; dummy: random weights of the model's shapes"
     )
     p.add_argument(
+        "--cuda-graph-max-tokens",
+        type=_tokens_or_none,
+        default=d.cuda_graph_max_tokens,
+        help="batches of up to this many tokens, prompt chunks included, run as CUDA graphs; "
+        "none: vLLM's default (2 x --max-num-seqs)",
+    )
+    p.add_argument(
+        "--no-torch-compile",
+        action="store_true",
+        help="skip torch.compile: a faster first start (decode steps still run as CUDA graphs)",
+    )
+    p.add_argument(
         "--draft-model",
         type=_draft_model,
         default=d.draft_model,
@@ -208,6 +228,8 @@ def settings_from_args(ns: argparse.Namespace) -> EngineSettings:
         linear_backend=ns.linear_backend,
         attention_backend=ns.attention_backend,
         load_format=ns.load_format,
+        cuda_graph_max_tokens=ns.cuda_graph_max_tokens,
+        torch_compile=not ns.no_torch_compile,
         draft_model=ns.draft_model,
         num_speculative_tokens=ns.num_speculative_tokens,
         max_video_frames=ns.max_video_frames,

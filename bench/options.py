@@ -234,9 +234,8 @@ def app_command(settings: EngineSettings, *, python: str, app: str, port: int, e
         if value is None and getattr(defaults, f.name) is None:
             continue  # the app's default for this flag is None too
         flag = APP_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
-        if isinstance(value, bool):
-            if value:
-                cmd.append(flag)
+        if isinstance(value, bool):  # a store_true flag, or --no-<name> for a setting that is on by default
+            cmd.append(flag if value else "--no-" + f.name.replace("_", "-"))
             continue
         if value is None:  # the app's words for None
             value = "auto" if f.name == "max_model_len" else "none"

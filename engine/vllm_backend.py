@@ -143,10 +143,29 @@ def engine_args(
         attention_backend=attention,
         load_format=settings.load_format,
         enforce_eager=settings.enforce_eager,
+        compilation_config=compilation_config(settings),
         speculative_config=None if draft is None else drafter.speculative_config(draft, settings),
         **multimodal,
         **{k: v for k, v in kernel.items() if v is not None},
     )
+
+
+def compilation_config(settings: EngineSettings) -> dict[str, Any]:
+    """vLLM's compilation settings: none set leaves vLLM's defaults (torch.compile, graphs up to 2 x max_num_seqs)."""
+    config: dict[str, Any] = {}
+    if not settings.torch_compile:
+        # Without torch.compile vLLM can't split the model into piecewise graphs; decode still runs as whole graphs.
+        config.update(mode="NONE", cudagraph_mode="FULL_DECODE_ONLY")
+    if settings.cuda_graph_max_tokens:
+        config["cudagraph_capture_sizes"] = cuda_graph_sizes(settings.cuda_graph_max_tokens)
+    return config
+
+
+def cuda_graph_sizes(max_tokens: int) -> list[int]:
+    """Powers of two to 256 (decode batches, short prompts), then every 256 tokens: a prompt chunk is padded to
+    the next size up, which wastes at most 256 tokens of compute above 256."""
+    sizes = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n < max_tokens]
+    return sizes + [*range(256, max_tokens, 256), max_tokens]
 
 
 def sampling_params(options: SamplingOptions):

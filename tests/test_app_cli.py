@@ -40,6 +40,8 @@ FLAG_DEFAULTS = {
     "--attention-backend": "None",
     "--no-browser": "False",
     "--load-format": "auto",
+    "--cuda-graph-max-tokens": "None",
+    "--no-torch-compile": "False",
     "--draft-model": "None",
     "--num-speculative-tokens": "2",
     "--max-video-frames": "32",
@@ -98,6 +100,9 @@ def test_every_engine_flag_reaches_the_settings():
             "/models/gemma-assistant",
             "--num-speculative-tokens",
             "3",
+            "--cuda-graph-max-tokens",
+            "1024",
+            "--no-torch-compile",
         ]
     )
     assert app.settings_from_args(ns) == EngineSettings(
@@ -118,6 +123,8 @@ def test_every_engine_flag_reaches_the_settings():
         video_fps=0.5,
         draft_model="/models/gemma-assistant",
         num_speculative_tokens=3,
+        cuda_graph_max_tokens=1024,
+        torch_compile=False,
     )
 
 

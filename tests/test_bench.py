@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import app
 from bench import bandwidth, options, report, run, worker
 from bench.checkpoints import TEXT_CONFIG
 from bench.workload import (
@@ -222,14 +223,19 @@ def test_worker_command_lines_carry_the_same_settings(tmp_path):
 
 
 def test_app_command_has_the_engine_settings_under_app_py_flags():
-    ns = run.parse_args("--dummy --attention-backend TRITON_ATTN --engine-setting max_video_frames=8".split())
+    ns = run.parse_args(
+        "--dummy --attention-backend TRITON_ATTN --engine-setting max_video_frames=8 "
+        "--engine-setting torch_compile=false --engine-setting cuda_graph_max_tokens=1024".split()
+    )
     settings = options.engine_settings(ns, model="/ckpt", load_format="dummy", dtype="nvfp4")
     cmd = options.app_command(settings, python="py", app="app.py", port=7999)
     text = " ".join(cmd)
     for part in ("--no-browser", "--port 7999", "--model /ckpt", "--backend vllm", "--max-model-len 16384",
                  "--gpu-memory-utilization 0.85", "--max-num-seqs 4", "--kv-cache-dtype fp8",
-                 "--attention-backend TRITON_ATTN", "--load-format dummy", "--max-video-frames 8"):  # fmt: skip
+                 "--attention-backend TRITON_ATTN", "--load-format dummy", "--max-video-frames 8",
+                 "--no-torch-compile", "--cuda-graph-max-tokens 1024"):  # fmt: skip
         assert part in text, part
+    assert app.settings_from_args(app.parse_args(cmd[2:])) == settings  # the app runs what the other arms run
     assert "--moe-backend" not in text and "--enforce-eager" not in text  # defaults stay the app's
     assert "--draft-model" not in text  # the app drafts nothing by default, as the bench
     assert "--load-format" in options.app_flags_needed(cmd)

@@ -1,6 +1,7 @@
 """The vLLM backend's choices, checked on CPU against vLLM's real config classes."""
 
 import dataclasses
+import itertools
 import types
 
 import pytest
@@ -57,6 +58,26 @@ def test_the_seeds_gemm_env_var_still_selects_marlin_for_linear_layers(tiny, mon
     monkeypatch.setenv("VLLM_NVFP4_GEMM_BACKEND", "marlin")
     args = engine_args(EngineSettings(), dataclasses.replace(tiny, **NVFP4), B200, [])
     assert args.linear_backend == "marlin"
+
+
+def test_compilation_is_vllms_own_unless_asked(tiny):
+    config = engine_args(EngineSettings(), tiny, HOPPER, []).compilation_config
+    assert config.mode is None and config.cudagraph_mode is None and config.cudagraph_capture_sizes is None
+
+
+def test_prompt_chunks_can_run_as_cuda_graphs(tiny):
+    args = engine_args(EngineSettings(cuda_graph_max_tokens=2048), tiny, HOPPER, [])
+    sizes = args.compilation_config.cudagraph_capture_sizes
+    assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 2048
+    assert all(b - a <= 256 for a, b in itertools.pairwise(sizes))  # a chunk pads by at most 256 tokens
+    assert vllm_backend.cuda_graph_sizes(300) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
+
+
+def test_without_torch_compile_decode_steps_are_still_cuda_graphs(tiny):
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    config = engine_args(EngineSettings(torch_compile=False), tiny, HOPPER, []).compilation_config
+    assert config.mode == CompilationMode.NONE and config.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY
 
 
 def test_triton_attention_when_flash_attention_4_cannot_run(tiny, monkeypatch):
