@@ -261,8 +261,9 @@ class AppArm:
         url = f"http://127.0.0.1:{port}/"
         await asyncio.to_thread(wait_until_ready, url, self.app, timeout_s=self.ready_timeout_s)
         self.client = AppClient(url)
-        await asyncio.to_thread(self.client.session)  # reads /chat's parameters once
+        first = await asyncio.to_thread(self.client.session)  # reads /chat's parameters once
         self.info["chat_endpoint"] = dataclasses.asdict(self.client.endpoint)
+        self.info["sessions_opened_before_the_clock"] = first.opened
 
     async def prepare(self, n: int) -> None:
         self.sessions = list(await asyncio.gather(*(asyncio.to_thread(self.client.session) for _ in range(n))))

@@ -552,7 +552,9 @@ def test_app_arm_times_the_chat_api_of_the_real_ui(fake_app):
     app, ready, url = fake_app
     assert ready - app.started > 1.0  # it waited out the fake load
     client = AppClient(url)
-    one = client.request(client.session(), "hello", 150, expected_prompt_tokens=5)
+    session = client.session()
+    assert session.opened  # as a browser's page opens it: Gradio's per-session setup is off the clock
+    one = client.request(session, "hello", 150, expected_prompt_tokens=5)
     assert one.error is None and one.output_tokens == 150 and one.prompt_tokens == 11
     assert one.timing == "sse-arrival" and one.chunks >= 2
     assert 0.02 < one.ttft_s < 2.0 and 0.015 < one.engine_ttft_s < 0.5
