@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # (max_model_len=-1): it lowers the context to what the KV cache holds and says so in the log.
 AUTO_FIT = -1
 FA4_TVM_FFI = "0.1.10"  # FlashAttention 4's cute DSL fails with apache-tvm-ffi 0.1.9
+COUNTED_KEPT = 64  # prompts rendered for a context check and kept for their request (a few are in flight)
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,9 @@ class VllmEngine:
         self._llm = None
         self._tap = _SchedulerStatsTap()
         self._multimodal = False  # the checkpoint has the processor files image and video prompts need
+        # Prompts rendered for the context check, by request id, for generate() to send as they are.
+        self._counted: dict[str, dict[str, Any]] = {}
+        self._counted_lock = threading.Lock()
 
     def status(self) -> EngineStatus:
         if self._llm is not None and self._llm.errored:  # the engine core process died under a running app
@@ -391,14 +395,22 @@ class VllmEngine:
             await stream.aclose()  # a consumer that stops early aborts the request inside vLLM
 
     def engine_prompt(self, request: GenerationRequest) -> dict[str, Any]:
-        """The chat rendered by the model's template, plus the images and videos it refers to."""
+        """The chat rendered by the model's template, plus the images and videos it refers to. A text-only
+        chat goes as token ids: tokenized once, here, for both the context check and vLLM."""
+        with self._counted_lock:
+            counted = self._counted.pop(request.request_id, None)
+        if counted is not None:
+            return counted
         messages, media = split_media(request.messages)
         if media and not self._multimodal:
             raise EngineError("This checkpoint has no image/video processor (processor_config.json): send text only.")
-        text = render_chat(self._engine().get_tokenizer(), messages, enable_thinking=request.enable_thinking)
+        tokenizer = self._engine().get_tokenizer()
+        text = render_chat(tokenizer, messages, enable_thinking=request.enable_thinking)
         prompt: dict[str, Any] = {"prompt": text}
-        if media:
+        if media:  # vLLM's processor expands each placeholder into the item's soft tokens
             prompt["multi_modal_data"] = media
+        else:
+            prompt["prompt_token_ids"] = tokenizer.encode(text, add_special_tokens=False)
         if request.image_soft_tokens:
             prompt["mm_processor_kwargs"] = {"max_soft_tokens": request.image_soft_tokens}
         return prompt
@@ -406,8 +418,15 @@ class VllmEngine:
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         """The prompt's text tokens, for the UI's context check (images and videos add theirs in vLLM,
         which then refuses an overlong prompt itself)."""
-        prompt = self.engine_prompt(request)["prompt"]
-        return len(self._engine().get_tokenizer().encode(prompt, add_special_tokens=False))
+        prompt = self.engine_prompt(request)
+        with self._counted_lock:
+            self._counted[request.request_id] = prompt
+            while len(self._counted) > COUNTED_KEPT:  # requests refused after the check never collect theirs
+                self._counted.pop(next(iter(self._counted)))
+        ids = prompt.get("prompt_token_ids")
+        if ids is None:
+            ids = self._engine().get_tokenizer().encode(prompt["prompt"], add_special_tokens=False)
+        return len(ids)
 
     async def abort(self, request_id: str) -> None:
         await self._engine().abort(request_id)

@@ -91,6 +91,28 @@ def test_the_vllm_backend_counts_prompts_with_the_models_tokenizer(tiny_model_di
     )
 
 
+def test_the_vllm_backend_tokenizes_a_text_chat_once_for_the_check_and_the_engine(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encoded = []
+    counting = types.SimpleNamespace(
+        encode=lambda text, **kw: encoded.append(text) or tokenizer.encode(text, **kw),
+        apply_chat_template=tokenizer.apply_chat_template,
+        chat_template=tokenizer.chat_template,
+    )
+    engine = VllmEngine(EngineSettings(model=str(tiny_model_dir)))
+    engine._llm = types.SimpleNamespace(get_tokenizer=lambda: counting, errored=False)
+    request = GenerationRequest(HI)
+    tokens = engine.count_prompt_tokens(request)
+    prompt = engine.engine_prompt(request)  # what generate() sends to vLLM
+    assert prompt["prompt_token_ids"] == tokenizer(prompt["prompt"], add_special_tokens=False)["input_ids"]
+    assert len(prompt["prompt_token_ids"]) == tokens and len(encoded) == 1
+    for _ in range(200):  # requests refused after their check leave no more than a few prompts behind
+        engine.count_prompt_tokens(GenerationRequest(HI))
+    assert len(engine._counted) <= 64
+
+
 def test_a_dead_vllm_engine_shows_as_failed():
     engine = VllmEngine(EngineSettings())
     engine._llm = types.SimpleNamespace(errored=False)
