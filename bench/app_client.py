@@ -268,7 +268,8 @@ class AppClient:
         except Exception as e:
             return RequestResult(expected_prompt_tokens, 0, submitted, None, None, error=f"{type(e).__name__}: {e}")
         finally:
-            session.client.close()
+            # gradio_client's close() waits ~1 s on its heartbeat thread: let it, but not the next request.
+            threading.Thread(target=session.client.close, daemon=True).start()
         arrivals = [t for t, kind in session.stamps if kind == "process_generating"]
         if session.hooked and len(arrivals) == len(seen):
             updates = [(t, out) for t, (_, out) in zip(arrivals, seen, strict=True)]
