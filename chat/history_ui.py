@@ -265,16 +265,19 @@ class HistoryPanel:
 
     # -- the chat function ------------------------------------------------------------------
 
-    def chat_fn(self, inner: Callable[..., AsyncIterator[tuple[Any, ...]]]) -> Callable[..., AsyncIterator[Any]]:
+    def chat_fn(
+        self, inner: Callable[..., AsyncIterator[tuple[Any, ...]]], engine_ready: Callable[[], bool] = lambda: True
+    ) -> Callable[..., AsyncIterator[Any]]:
         """`inner` (ui.make_chat_fn's chat) with the rate limit and saving around it.
 
-        inner yields (messages, ttft, tok/s, tokens, replies); the wrapper adds the conversation id.
+        inner yields (messages, ttft, tok/s, tokens, replies); the wrapper adds the conversation id. Messages
+        sent while the engine is not ready (inner answers them with a note) don't count against the rate limit.
         """
 
         async def chat(message: Any, history: list[dict[str, Any]], *args: Any) -> AsyncIterator[Any]:
             *inner_args, conversation_id, session_owner, request = args
             ui.MESSAGE_ARRIVED.set(ui.arrived(request))  # inner's TTFT clock starts there
-            wait = self.limiter.wait_s(request.session_hash or "")
+            wait = self.limiter.wait_s(request.session_hash or "") if engine_ready() else 0.0
             if wait:
                 note = ui._note(f"⏳ {rate_note(self.limiter.per_minute, wait)}")
                 yield [note], None, None, None, gr.skip(), gr.skip()

@@ -332,7 +332,7 @@ def build_ui(
             ),
         ]
         chat = gr.ChatInterface(
-            history.chat_fn(make_chat_fn(engine, MediaLimits.from_settings(settings))),
+            history.chat_fn(make_chat_fn(engine, MediaLimits.from_settings(settings)), lambda: engine.status().ready),
             multimodal=True,
             chatbot=gr.Chatbot(
                 label="Chat",

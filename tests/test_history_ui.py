@@ -239,6 +239,17 @@ async def test_a_session_over_the_rate_limit_is_told_to_wait(store):
     assert len(engine.requests) == 3 and titles(other_session[-1][0])[-1].startswith("TTFT")
 
 
+async def test_messages_sent_while_the_engine_loads_do_not_count_against_the_rate_limit(store):
+    engine = FakeEngine(Stage.LOADING, "compiling")
+    chat = panel(store, per_minute=2).chat_fn(ui.make_chat_fn(engine), lambda: engine.status().ready)
+    for _ in range(5):  # pressing retry while the model loads
+        loading = await run(chat, "Hi", [], 1, None, request("ann"))
+        assert titles(loading[-1][0])[0].startswith("⏳ The engine is still loading")
+    await engine.start()
+    answered = await run(chat, "Hi", [], 1, None, request("ann"))
+    assert titles(answered[-1][0])[-1].startswith("TTFT") and len(engine.requests) == 1
+
+
 class FlakyEngine(FakeEngine):
     """Fails its first start, as a dead engine would; starts fine after that."""
 
