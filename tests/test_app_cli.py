@@ -40,7 +40,7 @@ FLAG_DEFAULTS = {
     "--attention-backend": "None",
     "--no-browser": "False",
     "--load-format": "auto",
-    "--cuda-graph-max-tokens": "None",
+    "--cuda-graph-max-tokens": "2048",
     "--no-torch-compile": "False",
     "--draft-model": "None",
     "--num-speculative-tokens": "2",
@@ -130,6 +130,12 @@ def test_every_engine_flag_reaches_the_settings():
 
 def test_max_model_len_auto_means_the_models_own():
     assert app.settings_from_args(app.parse_args(["--max-model-len", "auto"])).max_model_len is None
+
+
+def test_cuda_graphs_none_leaves_vllms_default():
+    assert app.settings_from_args(app.parse_args(["--cuda-graph-max-tokens", "none"])).cuda_graph_max_tokens is None
+    with pytest.raises(SystemExit):
+        app.parse_args(["--cuda-graph-max-tokens", "0"])
 
 
 def test_draft_model_none_switches_mtp_off():

@@ -60,13 +60,13 @@ def test_the_seeds_gemm_env_var_still_selects_marlin_for_linear_layers(tiny, mon
     assert args.linear_backend == "marlin"
 
 
-def test_compilation_is_vllms_own_unless_asked(tiny):
-    config = engine_args(EngineSettings(), tiny, HOPPER, []).compilation_config
+def test_vllms_own_compilation_and_cuda_graphs_when_asked(tiny):
+    config = engine_args(EngineSettings(cuda_graph_max_tokens=None), tiny, HOPPER, []).compilation_config
     assert config.mode is None and config.cudagraph_mode is None and config.cudagraph_capture_sizes is None
 
 
-def test_prompt_chunks_can_run_as_cuda_graphs(tiny):
-    args = engine_args(EngineSettings(cuda_graph_max_tokens=2048), tiny, HOPPER, [])
+def test_prompt_chunks_run_as_cuda_graphs(tiny):
+    args = engine_args(EngineSettings(), tiny, HOPPER, [])
     sizes = args.compilation_config.cudagraph_capture_sizes
     assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 2048
     assert all(b - a <= 256 for a, b in itertools.pairwise(sizes))  # a chunk pads by at most 256 tokens
