@@ -152,7 +152,7 @@ def engine_args(
 
 
 def compilation_config(settings: EngineSettings) -> dict[str, Any]:
-    """vLLM's compilation settings: none set leaves vLLM's defaults (torch.compile, graphs up to 2 x max_num_seqs)."""
+    """vLLM's compilation settings for these engine settings; an empty dict leaves vLLM's own."""
     config: dict[str, Any] = {}
     if not settings.torch_compile:
         # Without torch.compile vLLM can't split the model into piecewise graphs; decode still runs as whole graphs.

@@ -2,7 +2,7 @@
 
 vLLM 0.26 compiles its CuTe DSL router GEMM (`ll_bf16`, Hopper and newer, where CUTLASS's Python DSL is
 installed) at every engine start for the router shapes listed in `kernel_warmup._LL_BF16_WARMUP_MODEL_SHAPES`:
-DeepSeek's and Inkling's (hidden size, experts), ~20 kernels and ~16 s of each start on an H200, compiled
+DeepSeek's and Inkling's (hidden size, experts), 17 kernels and 12-16 s of each start on an H200, compiled
 again each time (not cached on disk). Gemma 4's router, (2816, 128) for 26B-A4B, is not among them, so its own
 kernels compile on first use instead: in CUDA graph capture, or in the middle of a request for a batch size
 the graphs don't cover. `install` makes the list this model's router shape (empty for a model without experts).
