@@ -71,20 +71,17 @@ def _count(value: str) -> int:
     return int(value)
 
 
-def _max_model_len(value: str) -> int | None:
-    if value == "auto":
-        return None
-    if not value.isdigit() or int(value) == 0:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {value!r}")
-    return int(value)
+def _tokens_or(word: str) -> Callable[[str], int | None]:
+    """A positive number of tokens, or `word` for None (the setting's default meaning)."""
 
+    def parse(value: str) -> int | None:
+        if value == word:
+            return None
+        if not value.isdigit() or int(value) == 0:
+            raise argparse.ArgumentTypeError(f"expected a number of tokens or {word!r}, got {value!r}")
+        return int(value)
 
-def _tokens_or_none(value: str) -> int | None:
-    if value.lower() == "none":
-        return None
-    if not value.isdigit() or int(value) == 0:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'none', got {value!r}")
-    return int(value)
+    return parse
 
 
 def _draft_model(value: str) -> str | None:
@@ -136,7 +133,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--desktop", action="store_true", help="open the app in a native window (needs pywebview)")
     p.add_argument(
         "--max-model-len",
-        type=_max_model_len,
+        type=_tokens_or("auto"),
         default=d.max_model_len,
         help="context length in tokens, lowered to what the KV cache holds; auto: the model's own",
     )
@@ -171,7 +168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--cuda-graph-max-tokens",
-        type=_tokens_or_none,
+        type=_tokens_or("none"),
         default=d.cuda_graph_max_tokens,
         help="batches of up to this many tokens, prompt chunks included, run as CUDA graphs; "
         "none: vLLM's default (2 x --max-num-seqs)",
