@@ -1,9 +1,9 @@
 """Where a one-stream decode step's time goes: vLLM's torch profiler over a stretch of decode steps.
 
-    python -m bench.profile --dummy --out DIR [--steps 64] [--attention-backend TRITON_ATTN]
+    python -m bench.profile --dummy --out DIR [--steps 64] [any engine flag of app.py: --enforce-eager, ...]
 
-The engine is built exactly as the app builds it (engine.vllm_backend.engine_args) on the full-size
-26B-A4B config with dummy weights. Prints the time a step takes, how much of it the GPU was busy (the union
+The engine is the one the app serves (engine.vllm_launch.launch, patches included) on the full-size 26B-A4B
+config with dummy weights. Prints the time a step takes, how much of it the GPU was busy (the union
 of kernel intervals), the kernels and graph launches a step makes and the kernels that take the most time.
 A GPU busy nearly all the step is bound by its kernels; a GPU idle between kernels waits on the CPU.
 The chrome trace (open it in ui.perfetto.dev) and vLLM's kernel table stay in DIR/trace.
@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import dummy
-from engine import model_source
-from engine.settings import EngineSettings
-from engine.vllm_backend import engine_args, gpu_facts
+from engine import settings
+from engine.vllm_launch import launch
 
 PROMPT_TOKENS = 512
+PROFILE_DEFAULTS = {"max_model_len": 16384}  # the bench's context: a 512-token prompt needs no more
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="NVFP4 checkpoint folder (without --dummy)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=64, help="decode steps profiled")
-    p.add_argument("--attention-backend")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: to see what graphs save")
+    # Any engine setting, under app.py's flag (--enforce-eager: no CUDA graphs, to see what graphs save).
+    settings.add_flags(p, backends=("vllm",), exclude=("model", "backend", "load_format"), defaults=PROFILE_DEFAULTS)
     ns = p.parse_args(argv)
     if bool(ns.dummy) == bool(ns.model):
         p.error("give --dummy or --model DIR")
@@ -45,24 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def profile(ns: argparse.Namespace) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.config import ProfilerConfig
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     trace_dir = (ns.out / "trace").resolve()
     folder = dummy.prepare(ns.out / "checkpoints", nvfp4=True) if ns.dummy else Path(ns.model)
-    settings = EngineSettings(
-        model=str(folder),
-        load_format="dummy" if ns.dummy else "auto",
-        max_model_len=16384,
-        draft_model=None,
-        attention_backend=ns.attention_backend,
-        enforce_eager=ns.enforce_eager,
-    )
-    notes: list[str] = []
-    args = engine_args(settings, model_source.inspect(folder, weights=not ns.dummy), gpu_facts(), notes)
-    args.profiler_config = ProfilerConfig(
-        profiler="torch", torch_profiler_dir=str(trace_dir), torch_profiler_with_stack=False
-    )
-    llm = AsyncLLM.from_engine_args(args)
+    config = settings.from_flags(ns, model=str(folder), load_format="dummy" if ns.dummy else "auto")
+    profiler = ProfilerConfig(profiler="torch", torch_profiler_dir=str(trace_dir), torch_profiler_with_stack=False)
+    launched = await launch(config, overrides={"profiler_config": profiler})
+    llm, notes = launched.llm, launched.notes
     try:
         prompt = {"prompt_token_ids": [1000 + i for i in range(PROMPT_TOKENS)]}
 

@@ -16,8 +16,10 @@ REQUIRED_KEYS = (
     "bf16_decode_tok_s_bs1",
     "app_vs_raw_tok_s",
     "app_vs_raw_ttft",
+    "served_nvfp4_decode_tok_s_bs1",
+    "vllm_reference_decode_tok_s_bs1",
 )
-ARM_ORDER = {"raw": 0, "engine": 1, "app": 2}
+ARM_ORDER = {"vllm": 0, "raw": 1, "engine": 2, "app": 3}
 
 # Facts worth keeping from vLLM's log of each start.
 LOG_FACTS = {
@@ -222,6 +224,7 @@ def headline(configs: list[dict], workload: dict[str, Any]) -> dict[str, Any]:
         out[f"{dtype}_decode_tok_s_bs1"] = value
         out[f"{dtype}_decode_tok_s_bs1_arm"] = source
     out["mtp_vs_nvfp4_decode_bs1"] = _ratio(out["mtp_decode_tok_s_bs1"], out["nvfp4_decode_tok_s_bs1"])
+    out.update(served_vs_reference(configs, prompt_lens, output_lens, concurrency, head_p))
     tok_s: dict[str, Any] = {}
     tok_s_many: dict[str, Any] = {}
     ttft: dict[str, Any] = {}
@@ -251,6 +254,29 @@ def headline(configs: list[dict], workload: dict[str, Any]) -> dict[str, Any]:
     app = next((c for d in options.DTYPES if (c := _find(configs, "app", d))), None)
     out["sidebar_vs_client"] = None if app is None else sidebar_vs_client(app)
     return out
+
+
+def served_vs_reference(
+    configs: list[dict], prompt_lens: list[int], output_lens: list[int], concurrency: int, head_p: int | None
+) -> dict[str, Any]:
+    """What the app serves by default (the app arm, NVFP4) against plain vLLM 0.26 (the vllm arm), same run."""
+    numbers = {}
+    for key, arm in (("served", "app"), ("vllm_reference", "vllm")):
+        config = _find(configs, arm, "nvfp4")
+        one = _headline_run(config, prompt_lens, output_lens) if config else None
+        many = _headline_run(config, prompt_lens, output_lens, concurrency) if config else None
+        ttft = percentile(bs1_ttft_samples(config, head_p), 50) if config and head_p else None
+        numbers[key] = (one and one["decode_tok_s"], many and many["aggregate_tok_s"], ttft)
+    (served, served_many, served_ttft), (ref, ref_many, ref_ttft) = numbers["served"], numbers["vllm_reference"]
+    return {
+        "served_nvfp4_decode_tok_s_bs1": served,
+        "vllm_reference_decode_tok_s_bs1": ref,
+        "served_vs_vllm_reference": {
+            "decode_tok_s_bs1": _ratio(served, ref),  # above 1: the app decodes faster than plain vLLM
+            "aggregate_tok_s": _ratio(served_many, ref_many),  # at the largest concurrency
+            "ttft": _ratio(served_ttft, ref_ttft),  # below 1: the app answers sooner
+        },
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -332,6 +358,19 @@ def _sidebar_line(agreement: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _served_line(results: dict[str, Any]) -> list[str]:
+    served, ref = results.get("served_nvfp4_decode_tok_s_bs1"), results.get("vllm_reference_decode_tok_s_bs1")
+    if not (served or ref):
+        return []
+    ratios = results.get("served_vs_vllm_reference") or {}
+    return [
+        f"**What the app serves against plain vLLM 0.26 (NVFP4, same run):** one stream {_f(served)} vs "
+        f"{_f(ref)} tok/s (×{_f(ratios.get('decode_tok_s_bs1'), '.3f')}); aggregate at the most streams "
+        f"×{_f(ratios.get('aggregate_tok_s'), '.3f')}; TTFT p50 ×{_f(ratios.get('ttft'), '.3f')}.",
+        "",
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Benchmark {results.get('date', '')} · {results.get('gpu') or 'no GPU'}", ""]
     v = results.get("versions") or {}
@@ -371,6 +410,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"aggregate tok/s at the most streams engine ×{_f(agg.get('engine'), '.3f')}, "
         f"app ×{_f(agg.get('app'), '.3f')}.",
         "",
+        *_served_line(results),
         *_sidebar_line(results.get("sidebar_vs_client")),
         "| arm | dtype | prompt | out | streams | TTFT p50 ms | TTFT p95 ms | vLLM TTFT p50 ms | decode tok/s a stream "
         "| aggregate tok/s | % of peak BW | tokens out |",

@@ -4,8 +4,9 @@
     python -m bench --model DIR [--bf16-model DIR]
     python -m bench --dummy --dry-run             # the plan, the commands and a time estimate; no GPU
 
-Configurations are (arm, dtype) pairs, run in the order given: arms raw (vLLM's AsyncLLM), engine (the
-app's Engine protocol) and app (the whole app through its Gradio API); dtypes nvfp4 and bf16. Each
+Configurations are (arm, dtype) pairs, run in the order given: arms vllm (plain vLLM's AsyncLLM, none of the app's
+patches: the reference), raw (the same with the patches, as the app launches it), engine (the app's Engine
+protocol) and app (the whole app through its Gradio API); dtypes nvfp4, bf16 and mtp. Each
 worker starts its engine once, replays the same prompts (built here, once) and writes a JSON; this
 merges them into <out>/<date>-<gpu>.json and .md after every worker, so a run cut short keeps what it has.
 """
@@ -30,10 +31,11 @@ from typing import Any
 
 from bench import options, report
 from bench.workload import Workload
+from engine import settings
 from engine.gpu import visible_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIGS = "raw:nvfp4,engine:nvfp4,app:nvfp4,raw:bf16"
+DEFAULT_CONFIGS = "vllm:nvfp4,raw:nvfp4,engine:nvfp4,app:nvfp4,raw:bf16"
 # Rough costs on an H100/H200, for the dry-run estimate and the time budget (see NOTES.md). Seen on an H200
 # (2026-11-28, full-size config, four lanes starting at once): NVFP4 186 s cold / 84 s warm, NVFP4 with the MTP
 # drafter 221 s / 91 s; BF16 not yet measured (the kit saw 75-140 s for either).
@@ -167,8 +169,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if ns.arms or ns.dtypes:
         arms, dtypes = ns.arms or options.ARMS, ns.dtypes or ("nvfp4", "bf16")
         ns.configs = [(a, d) for d in dtypes for a in arms]
-    if ns.dummy and ("app", "mtp") in ns.configs:
-        p.error("app:mtp needs a real checkpoint: the app takes no stand-in acceptance rates (use raw/engine:mtp)")
     if not ns.dummy and not ns.model and not ns.bf16_model:
         p.error("give --dummy, or --model DIR (and --bf16-model DIR for the bf16 configurations)")
     if ns.dummy and (ns.model or ns.bf16_model):
@@ -181,6 +181,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------- planning
 
 
+def compile_key(arm: str, dtype: str) -> str:
+    """Which compiled graphs a configuration needs: the vllm arm's graphs lack the patched kernels."""
+    return f"{dtype}_plain" if arm == "vllm" else dtype
+
+
 def plan_workers(ns: argparse.Namespace, models: dict[str, str], cache_marked: set[str]) -> list[WorkerPlan]:
     """Workers in run order; the first start of each dtype in an empty cache is cold, later ones warm."""
     plans: list[WorkerPlan] = []
@@ -189,8 +194,8 @@ def plan_workers(ns: argparse.Namespace, models: dict[str, str], cache_marked: s
     for arm, dtype in ns.configs:
         if dtype not in models:
             continue
-        state = "warm" if dtype in seen else "cold"
-        seen.add(dtype)
+        state = "warm" if compile_key(arm, dtype) in seen else "cold"
+        seen.add(compile_key(arm, dtype))
         plans.append(WorkerPlan(len(plans), arm, dtype, f"{arm}-{dtype}", models[dtype], state))
         if ns.start_times and counts[dtype] == 1 and state == "cold":
             plans.append(WorkerPlan(len(plans), arm, dtype, f"{arm}-{dtype}-restart", models[dtype], "warm", True))
@@ -200,13 +205,12 @@ def plan_workers(ns: argparse.Namespace, models: dict[str, str], cache_marked: s
 def worker_command(ns: argparse.Namespace, plan: WorkerPlan, prompts: Path, logs: Path) -> list[str]:
     plan.result_path = logs / f"{plan.order:02d}-{plan.name}.json"
     plan.log_path = logs / f"{plan.order:02d}-{plan.name}.log"
+    config = options.engine_settings(ns, model=plan.model, load_format=load_format(ns), dtype=plan.dtype)
     cmd = [
         *WORKER,
-        "--arm", plan.arm, "--dtype", plan.dtype, "--model", plan.model,
+        "--arm", plan.arm, "--dtype", plan.dtype, "--settings", config.to_json(),
         "--name", plan.name, "--out", str(plan.result_path), "--cache-state", plan.cache_state,
     ]  # fmt: skip
-    if ns.dummy:
-        cmd.append("--dummy")
     if plan.start_only:
         cmd.append("--start-only")
     else:
@@ -217,9 +221,17 @@ def worker_command(ns: argparse.Namespace, plan: WorkerPlan, prompts: Path, logs
         for a in ns.app_arg:
             cmd += ["--app-arg", a]
     cmd += options.workload_args(options.workload_from(ns))
-    cmd += options.engine_args_for_worker(ns)
     plan.cmd = cmd
     return cmd
+
+
+def load_format(ns: argparse.Namespace) -> str:
+    return "dummy" if ns.dummy else "auto"
+
+
+def engine_flags(ns: argparse.Namespace) -> list[str]:
+    """The engine settings every configuration shares, as app.py's flags (drafting aside)."""
+    return settings.to_argv(options.engine_settings(ns, model="", load_format=load_format(ns), dtype="nvfp4"))
 
 
 def estimate_measure_s(w: Workload) -> float:
@@ -466,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     cache_root = ns.compile_cache or Path(tempfile.mkdtemp(prefix="bench-cache-"))  # not under --logs: it is big
     cache_root.mkdir(parents=True, exist_ok=True)
-    settings_key = hashlib.sha256(" ".join(options.engine_args_for_worker(ns)).encode()).hexdigest()[:12]
-    marked = {p.name.split("-")[1] for p in cache_root.glob(f"started-*-{settings_key}")}
+    settings_key = hashlib.sha256(" ".join(engine_flags(ns)).encode()).hexdigest()[:12]
+    marked = {p.name.split("-")[1] for p in cache_root.glob(f"started-*-{settings_key}")}  # started-KEY-SETTINGS
 
     models = prepare_models(ns, cache_root)
     skipped_dtypes = sorted({d for _, d in ns.configs} - set(models))
@@ -484,10 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     if app_plans:
         from bench.app_client import free_port
 
-        settings = options.engine_settings(
-            ns, model=app_plans[0].model, load_format="dummy" if ns.dummy else "auto", dtype=app_plans[0].dtype
+        config = options.engine_settings(
+            ns, model=app_plans[0].model, load_format=load_format(ns), dtype=app_plans[0].dtype
         )
-        probe = options.app_command(settings, python=sys.executable, app="app.py", port=free_port(), extra=ns.app_arg)
+        probe = options.app_command(config, python=sys.executable, app="app.py", port=free_port(), extra=ns.app_arg)
         missing = app_flags_missing(probe)
         if missing:
             app_problem = f"app.py does not take {' '.join(missing)}: the app arm is skipped"
@@ -519,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": models,
         "mtp_acceptance": list(ns.mtp_acceptance) if "mtp" in models else None,
         "workload": w.to_dict(),
-        "engine_flags": options.engine_args_for_worker(ns),
+        "engine_flags": engine_flags(ns),
         "peak_bandwidth_tb_s": ns.peak_bandwidth_tbs,
         "command": sys.argv,
         "compile_cache": str(cache_root),
@@ -567,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {plan.name}: starting ({time.time() - t0:.0f} s into the bench)", flush=True)
         result = run_worker(plan, env, timeout)
         if result.get("start"):
-            (cache_root / f"started-{plan.dtype}-{settings_key}").touch()  # this dtype's compile cache is warm
+            # this configuration's compile cache is warm
+            (cache_root / f"started-{compile_key(plan.arm, plan.dtype)}-{settings_key}").touch()
         finished.append(result)
         results = report.build_results(meta, finished, model_config)
         write_results(path, md_path, results)

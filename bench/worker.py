@@ -1,10 +1,12 @@
 """One configuration of the benchmark: start one engine, replay the workload, write a JSON of what happened.
 
-    python -m bench.worker --arm raw|engine|app --dtype nvfp4|bf16|mtp --model DIR --prompts FILE --out FILE [...]
+    python -m bench.worker --arm vllm|raw|engine|app --dtype nvfp4|bf16|mtp --settings JSON --prompts FILE \
+        --out FILE [...]
 
 Arms, all on the same EngineSettings:
-  raw     vLLM's AsyncLLM with VllmEngine's own engine_args (and load-time patches), token-id prompts,
-          SamplingParams as VllmEngine builds them plus ignore_eos
+  vllm    plain vLLM: AsyncLLM from engine.vllm_launch with patched=False (none of the app's patches or kernels),
+          token-id prompts, SamplingParams as VllmEngine builds them plus ignore_eos
+  raw     the same, patched: the engine exactly as the app launches it
   engine  engine.vllm_backend.VllmEngine through the Engine protocol (chat messages in, Deltas out)
   app     `python app.py` in a process of its own, through its Gradio API with gradio_client
 
@@ -33,6 +35,7 @@ from typing import Any  # noqa: E402
 from bench import options  # noqa: E402
 from bench.workload import Prompt, PromptSet, RequestResult, Run, Workload, summarize_run  # noqa: E402
 from engine.gpu import visible_gpu  # noqa: E402
+from engine.settings import EngineSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 _TAG = "worker"
@@ -83,37 +86,24 @@ def greedy_options(max_tokens: int):
 
 
 class RawArm:
-    """AsyncLLM with exactly the args VllmEngine would build; none of the Engine layer."""
+    """AsyncLLM as engine.vllm_launch builds it for the app (patched) or without the app's patches (the vllm arm:
+    plain vLLM with the same engine arguments); none of the Engine layer."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, *, patched: bool):
         self.settings = settings
+        self.patched = patched
         self.notes: list[str] = []
         self.info: dict[str, Any] = {}
         self.start_origin: float | None = None  # None: the worker's own start
 
     async def start(self) -> None:
-        import patches
-        from engine import drafter, model_source, vllm_backend
+        from engine.vllm_launch import launch
 
-        checkpoint = await asyncio.to_thread(
-            model_source.resolve, self.settings.model, weights=self.settings.load_format != "dummy"
-        )
-        apply = getattr(patches, "apply", None)
-        if apply is not None and any(checkpoint.path.glob("*.safetensors")):
-            self.notes += list(apply(checkpoint.path) or [])
-        elif apply is not None:  # load_format=dummy: no weights, nothing for the load-time repairs to repair
-            self.info["patches"] = "skipped: no *.safetensors (dummy weights)"
-        gpu = vllm_backend.gpu_facts()
-        if gpu.capability is None:
-            raise RuntimeError("vLLM needs an NVIDIA GPU and none is visible")
-        draft = drafter.resolve(self.settings, checkpoint, lambda fraction, detail: None, self.notes)
-        vllm_backend.install_vllm_fixes(checkpoint, draft, self.notes)
-        args = vllm_backend.engine_args(self.settings, checkpoint, gpu, self.notes, draft)
-        self.info["engine_args"] = {k: repr(v) for k, v in sorted(vars(args).items()) if v not in (None, {}, [])}
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")  # as VllmEngine does
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        launched = await launch(self.settings, patched=self.patched, notes=self.notes)
+        self.llm = launched.llm
+        self.info["patched"] = self.patched
+        args = sorted(vars(launched.args).items())
+        self.info["engine_args"] = {k: repr(v) for k, v in args if v not in (None, {}, [])}
         self.info["max_model_len"] = self.llm.model_config.max_model_len
 
     async def prepare(self, n: int) -> None:
@@ -291,10 +281,9 @@ class Worker:
         self.ns = ns
         self.out = Path(ns.out)
         self.workload: Workload = options.workload_from(ns)
-        load_format = "dummy" if ns.dummy else "auto"
-        self.settings = options.engine_settings(ns, model=ns.model, load_format=load_format, dtype=ns.dtype)
-        if ns.arm == "raw":
-            self.arm = RawArm(self.settings)
+        self.settings = EngineSettings.from_json(ns.settings)
+        if ns.arm in ("vllm", "raw"):
+            self.arm = RawArm(self.settings, patched=ns.arm == "raw")
         elif ns.arm == "engine":
             self.arm = EngineArm(self.settings)
         else:
@@ -309,8 +298,8 @@ class Worker:
             "dtype": ns.dtype,
             "name": ns.name or f"{ns.arm}-{ns.dtype}",
             "start_only": ns.start_only,
-            "model": ns.model,
-            "dummy": ns.dummy,
+            "model": self.settings.model,
+            "dummy": self.settings.load_format == "dummy",
             "settings": dataclasses.asdict(self.settings),
             "workload": self.workload.to_dict(),
             "argv": sys.argv,
@@ -451,8 +440,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.splitlines()[0])
     p.add_argument("--arm", choices=options.ARMS, required=True)
     p.add_argument("--dtype", choices=options.DTYPES, required=True)
-    p.add_argument("--model", required=True, help="checkpoint folder")
-    p.add_argument("--dummy", action="store_true", help="load_format=dummy (random weights)")
+    p.add_argument("--settings", required=True, help="the configuration's EngineSettings as JSON (the driver's)")
     p.add_argument("--prompts", type=Path, help="prompts.json written by the driver (not needed with --start-only)")
     p.add_argument("--out", type=Path, required=True, help="result JSON")
     p.add_argument("--name", help="this configuration's name in the results")
@@ -464,7 +452,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--app-ready-timeout", type=float, default=900.0)
     p.add_argument("--app-arg", action="append", default=[], help="extra app.py argument (repeatable)")
     options.add_workload_flags(p)
-    options.add_engine_flags(p)
     ns = p.parse_args(argv)
     if not ns.start_only and ns.prompts is None:
         p.error("--prompts is required unless --start-only")

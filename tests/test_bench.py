@@ -4,6 +4,7 @@ with a fake engine (the driver and workers end to end; the app arm against the r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 import sys
@@ -25,6 +26,7 @@ from bench.workload import (
     percentile,
     summarize_run,
 )
+from engine.settings import EngineSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"text_config": TEXT_CONFIG}
@@ -167,7 +169,7 @@ def test_default_matrix_puts_the_headline_first_and_long_outputs_at_one_length()
 def test_cli_parses_the_matrix_flags():
     ns = run.parse_args(
         "--dummy --prompt-lens 512,2048 --output-lens 256,1000 --concurrency 1,4 --arms raw,app --dtypes nvfp4 "
-        "--attention-backend TRITON_ATTN --moe-backend marlin --engine-setting max_images_per_prompt=2".split()
+        "--attention-backend TRITON_ATTN --moe-backend marlin --max-images-per-prompt 2".split()
     )
     assert ns.configs == [("raw", "nvfp4"), ("app", "nvfp4")]
     assert ns.prompt_lens == (512, 2048) and ns.concurrency == (1, 4)
@@ -175,7 +177,13 @@ def test_cli_parses_the_matrix_flags():
     assert settings.attention_backend == "TRITON_ATTN" and settings.moe_backend == "marlin"
     assert settings.max_images_per_prompt == 2 and settings.max_num_seqs == 4 and settings.max_model_len == 16384
     default = run.parse_args(["--dummy"])
-    assert default.configs == [("raw", "nvfp4"), ("engine", "nvfp4"), ("app", "nvfp4"), ("raw", "bf16")]
+    assert default.configs == [
+        ("vllm", "nvfp4"),
+        ("raw", "nvfp4"),
+        ("engine", "nvfp4"),
+        ("app", "nvfp4"),
+        ("raw", "bf16"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -185,7 +193,8 @@ def test_cli_parses_the_matrix_flags():
         ["--dummy", "--configs", "fast:nvfp4"],
         ["--dummy", "--prompt-lens", "0,5"],
         ["--dummy", "--max-model-len", "4096"],  # 8192 + 1000 do not fit
-        ["--dummy", "--engine-setting", "no_such_field=1"],
+        ["--dummy", "--no-such-setting", "1"],
+        ["--dummy", "--model-len", "1"],
         ["--dummy", "--model", "/x"],
     ],
 )
@@ -197,35 +206,39 @@ def test_cli_rejects_bad_flags(argv, capsys):
 def test_worker_command_lines_carry_the_same_settings(tmp_path):
     ns = run.parse_args(
         "--dummy --prompt-lens 512 --output-lens 64,128 --concurrency 1,2 --start-times --moe-backend marlin "
-        "--configs raw:nvfp4,engine:nvfp4,app:nvfp4,raw:bf16 --engine-setting enforce_eager=true".split()
+        "--configs vllm:nvfp4,raw:nvfp4,engine:nvfp4,app:nvfp4,raw:bf16 --enforce-eager".split()
     )
     models = {"nvfp4": "/ckpt/nv", "bf16": "/ckpt/bf"}
     plans = run.plan_workers(ns, models, set())
     names = [(p.name, p.cache_state, p.start_only) for p in plans]
     assert names == [
+        ("vllm-nvfp4", "cold", False),  # plain vLLM compiles its own graphs
         ("raw-nvfp4", "cold", False),
         ("engine-nvfp4", "warm", False),
         ("app-nvfp4", "warm", False),
         ("raw-bf16", "cold", False),
         ("raw-bf16-restart", "warm", True),  # bf16 has one configuration: --start-times restarts it
     ]
-    assert [p.cache_state for p in run.plan_workers(ns, models, {"nvfp4", "bf16"})][0] == "warm"
+    assert [p.cache_state for p in run.plan_workers(ns, models, {"nvfp4", "bf16"})][:2] == ["cold", "warm"]
+    assert run.plan_workers(ns, models, {"nvfp4_plain"})[0].cache_state == "warm"
     driver_settings = options.engine_settings(ns, model="/ckpt/nv", load_format="dummy", dtype="nvfp4")
     for plan in plans:
         cmd = run.worker_command(ns, plan, tmp_path / "prompts.json", tmp_path)
         assert cmd[:3] == [sys.executable, "-m", "bench.worker"]
         wns = worker.parse_args(cmd[3:])
-        assert (wns.arm, wns.dtype, wns.model, wns.dummy) == (plan.arm, plan.dtype, plan.model, True)
+        assert (wns.arm, wns.dtype) == (plan.arm, plan.dtype)
         assert options.workload_from(wns) == options.workload_from(ns)
-        assert options.engine_settings(wns, model="/ckpt/nv", load_format="dummy", dtype="nvfp4") == driver_settings
+        config = EngineSettings.from_json(wns.settings)  # one object, parsed once
+        assert config == dataclasses.replace(driver_settings, model=plan.model)
+        assert config.load_format == "dummy" and config.enforce_eager
         assert wns.start_only == plan.start_only and (wns.prompts is None) == plan.start_only
         assert (wns.app_log is not None) == (plan.arm == "app")
 
 
 def test_app_command_has_the_engine_settings_under_app_py_flags():
     ns = run.parse_args(
-        "--dummy --attention-backend TRITON_ATTN --engine-setting max_video_frames=8 "
-        "--engine-setting torch_compile=false --engine-setting cuda_graph_max_tokens=1024".split()
+        "--dummy --attention-backend TRITON_ATTN --max-video-frames 8 --no-torch-compile "
+        "--cuda-graph-max-tokens 1024".split()
     )
     settings = options.engine_settings(ns, model="/ckpt", load_format="dummy", dtype="nvfp4")
     cmd = options.app_command(settings, python="py", app="app.py", port=7999)
@@ -248,14 +261,18 @@ def test_mtp_configurations_draft_with_the_assistant_at_stand_in_acceptance_rate
     assert json.loads((Path(ns.draft_model) / "config.json").read_text())["model_type"] == "gemma4_assistant"
     for plan in run.plan_workers(ns, models, set()):
         wns = worker.parse_args(run.worker_command(ns, plan, tmp_path / "prompts.json", tmp_path)[3:])
-        settings = options.engine_settings(wns, model=plan.model, load_format="dummy", dtype=plan.dtype)
+        settings = EngineSettings.from_json(wns.settings)
         if plan.dtype == "mtp":
             assert settings.draft_model == ns.draft_model and settings.num_speculative_tokens == 3
             assert settings.synthetic_acceptance == (0.8, 0.6, 0.3)
         else:
             assert settings.draft_model is None and settings.synthetic_acceptance is None
-    with pytest.raises(SystemExit):  # the app takes no stand-in rates
-        run.parse_args("--dummy --configs app:mtp".split())
+    # The app arm gets them through app.py's (hidden) flag, like every other setting.
+    app_plan = run.plan_workers(run.parse_args("--dummy --configs app:mtp".split()), models, set())[0]
+    app_settings = options.engine_settings(ns, model=app_plan.model, load_format="dummy", dtype="mtp")
+    cmd = options.app_command(app_settings, python="py", app="app.py", port=7999)
+    assert "--synthetic-acceptance 0.8,0.6,0.3" in " ".join(cmd)
+    assert app.settings_from_args(app.parse_args(cmd[2:])) == app_settings
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -290,6 +307,7 @@ def _result(arm, dtype, tok_s, ttft_ms, workload: Workload):
 def test_results_have_the_required_keys_and_render(tmp_path):
     w = Workload(prompt_lens=(128, 512), output_lens=(256, 1000), concurrency=(1, 4), ttft_samples=3)
     configs = [
+        _result("vllm", "nvfp4", 200.0, 40.0, w),
         _result("raw", "nvfp4", 244.0, 50.0, w),
         _result("engine", "nvfp4", 240.0, 55.0, w),
         _result("app", "nvfp4", 220.0, 70.0, w),
@@ -306,13 +324,20 @@ def test_results_have_the_required_keys_and_render(tmp_path):
     assert results["app_vs_raw_tok_s"]["app"] == pytest.approx(220 / 244)
     assert results["app_vs_raw_tok_s"]["min"] == pytest.approx(220 / 244)
     assert results["app_vs_raw_ttft"]["app"] == pytest.approx(70 / 50)
+    # The kernels' goal: what the app serves against plain vLLM, one stream, four streams, TTFT.
+    assert results["served_nvfp4_decode_tok_s_bs1"] == pytest.approx(220.0)
+    assert results["vllm_reference_decode_tok_s_bs1"] == pytest.approx(200.0)
+    assert results["served_vs_vllm_reference"]["decode_tok_s_bs1"] == pytest.approx(1.1)
+    assert results["served_vs_vllm_reference"]["aggregate_tok_s"] == pytest.approx(1.1, rel=0.01)  # TTFTs differ
+    assert results["served_vs_vllm_reference"]["ttft"] == pytest.approx(70 / 40)
     assert results["bandwidth_limit"]["nvfp4_limit_tok_s_bs1"] == pytest.approx(4.8e12 / 3.226e9, rel=0.01)
-    row = results["configs"][0]["rows"][0]
+    row = results["configs"][1]["rows"][0]
     assert row["bandwidth_fraction"] == pytest.approx(244 * 3.226e9 / 4.8e12, rel=0.05)
     json.dumps(results)
     table = report.markdown(results)
     assert "| raw | nvfp4 | 512 | 1000 | 1 |" in table and "| app | nvfp4 |" in table and "| raw | bf16 |" in table
     assert "244.0" in table and "×0.902" in table
+    assert "plain vLLM 0.26 (NVFP4, same run):** one stream 220.0 vs 200.0 tok/s (×1.100)" in table
     path, md = run.results_paths(tmp_path, "2026-11-28", report.gpu_slug("NVIDIA H100 80GB HBM3"), "")
     assert path.name == "2026-11-28-h100-80gb-hbm3.json" and md.suffix == ".md"
     run.write_results(path, md, results)
@@ -401,9 +426,10 @@ SMALL = "--prompt-lens 128,256 --output-lens 16,32 --concurrency 1,2 --long-outp
 def test_worker_replays_the_workload_and_writes_its_json(tiny_tokenizer, tmp_path):
     w = options.workload_from(run.parse_args(["--dummy", *SMALL.split()]))
     build_prompts(tiny_tokenizer, w.prompt_requests()).save(tmp_path / "prompts.json")
+    config = EngineSettings(model="/m", load_format="dummy")
     ns = worker.parse_args(
-        f"--arm engine --dtype nvfp4 --model /m --dummy --prompts {tmp_path / 'prompts.json'} "
-        f"--out {tmp_path / 'w.json'} {SMALL}".split()
+        ["--arm", "engine", "--dtype", "nvfp4", "--settings", config.to_json()]
+        + f"--prompts {tmp_path / 'prompts.json'} --out {tmp_path / 'w.json'} {SMALL}".split()
     )
     w_ = worker.Worker(ns)
     w_.arm = fake = FakeArm()

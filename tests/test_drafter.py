@@ -13,7 +13,7 @@ from bench.checkpoints import write_assistant_checkpoint, write_full_size_checkp
 from engine import drafter, model_source
 from engine.base import EngineError
 from engine.settings import EngineSettings
-from engine.vllm_backend import GpuFacts, engine_args
+from engine.vllm_launch import GpuFacts, engine_args
 
 HOPPER = GpuFacts((9, 0), "NVIDIA H100")
 

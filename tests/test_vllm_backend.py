@@ -6,10 +6,11 @@ import types
 
 import pytest
 
-from engine import model_source, vllm_backend
+from engine import model_source, vllm_backend, vllm_launch
 from engine.base import SamplingOptions, Stage
 from engine.settings import EngineSettings
-from engine.vllm_backend import GpuFacts, LoadWatcher, engine_args, request_metrics, sampling_params, split_media
+from engine.vllm_backend import request_metrics, sampling_params, split_media
+from engine.vllm_launch import GpuFacts, LoadWatcher, engine_args
 
 HOPPER = GpuFacts((9, 0), "NVIDIA H100")
 B200 = GpuFacts((10, 0), "NVIDIA B200")
@@ -32,7 +33,7 @@ def test_the_tiny_checkpoint_builds_a_vllm_model_config(tiny):
 
 def test_asking_for_the_full_context_lets_vllm_fit_it_to_the_kv_cache(tiny):
     args = engine_args(EngineSettings(model=str(tiny.path)), tiny, HOPPER, [])
-    assert args.max_model_len == vllm_backend.AUTO_FIT
+    assert args.max_model_len == vllm_launch.AUTO_FIT
 
 
 NVFP4 = dict(quant_algo="NVFP4")
@@ -70,7 +71,7 @@ def test_prompt_chunks_run_as_cuda_graphs(tiny):
     sizes = args.compilation_config.cudagraph_capture_sizes
     assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 2048
     assert all(b - a <= 256 for a, b in itertools.pairwise(sizes))  # a chunk pads by at most 256 tokens
-    assert vllm_backend.cuda_graph_sizes(300) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
+    assert vllm_launch.cuda_graph_sizes(300) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
 
 
 def test_without_torch_compile_decode_steps_are_still_cuda_graphs(tiny):
@@ -81,11 +82,11 @@ def test_without_torch_compile_decode_steps_are_still_cuda_graphs(tiny):
 
 
 def test_triton_attention_when_flash_attention_4_cannot_run(tiny, monkeypatch):
-    monkeypatch.setattr(vllm_backend, "flash_attention_4_usable", lambda: False)
+    monkeypatch.setattr(vllm_launch, "flash_attention_4_usable", lambda: False)
     notes = []
     assert engine_args(EngineSettings(), tiny, HOPPER, notes).attention_backend == "TRITON_ATTN"
     assert any("FlashAttention 4" in note for note in notes)
-    monkeypatch.setattr(vllm_backend, "flash_attention_4_usable", lambda: True)
+    monkeypatch.setattr(vllm_launch, "flash_attention_4_usable", lambda: True)
     assert engine_args(EngineSettings(), tiny, HOPPER, []).attention_backend is None
 
 
