@@ -16,6 +16,7 @@ from pathlib import Path
 
 from chat.history import DB_FILENAME, HistoryStore, default_data_dir
 from chat.limits import Limits
+from engine import timeline
 from engine.base import EngineError
 from engine.factory import create_engine
 from engine.lifecycle import start_in_background
@@ -119,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ns.log_level != "debug":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests, one line each
+    timeline.mark("imports")
     settings = settings_from_args(ns)
     try:
         engine = create_engine(settings)
@@ -132,13 +134,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: can't open the chat history in {ns.data_dir}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     log.info("chat history: %s", store.path)
+    # The model loads while Gradio is imported and the page is built: the load is what people wait for.
+    start_in_background(engine)
 
     from chat.desktop import open_window  # here: gradio takes seconds to import, --help needn't wait
     from chat.ui import TITLE, build_ui, launch_options
 
+    timeline.mark("gradio imported")
     limits = Limits(max_queue=ns.max_queue, rate_per_minute=ns.rate_limit, max_upload_mb=ns.max_upload_mb)
     demo = build_ui(engine, settings, store, limits)
-    start_in_background(engine)
     demo.queue(default_concurrency_limit=settings.max_num_seqs, max_size=limits.max_queue)
     auth = logins(ns)
     if ns.share and not auth:
@@ -156,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             prevent_thread_lock=True,
             **launch_options(),
         )
+        timeline.mark("page served")
         if ns.share and not demo.share_url:
             log.warning(
                 "could not open a share link (no internet, or gradio.live unreachable); serving locally only at %s",

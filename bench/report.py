@@ -77,6 +77,17 @@ def timeline(text: str, origin_wall: float | None) -> dict[str, float]:
     return out
 
 
+STARTUP_LINE = re.compile(r"start-up: (.+?) at ([\d.]+) s$", re.M)  # engine.timeline.LINE in the app's log
+
+
+def startup_marks(text: str) -> dict[str, float]:
+    """The app's own start-up timeline (engine.timeline), from its log: seconds from its process start."""
+    marks: dict[str, float] = {}
+    for name, seconds in STARTUP_LINE.findall(text):
+        marks.setdefault(name, float(seconds))
+    return marks
+
+
 def gpu_slug(name: str | None) -> str:
     if not name:
         return "nogpu"

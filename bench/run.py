@@ -362,9 +362,13 @@ def run_worker(plan: WorkerPlan, env: dict[str, str], timeout_s: float) -> dict[
     texts = [_read(plan.log_path)] + ([_read(plan.app_log_path)] if plan.app_log_path else [])
     result["log_facts"] = report.log_facts("\n".join(texts))
     origin = (result.get("start") or {}).get("origin_wall")
-    result["timeline"] = report.timeline(texts[-1], origin)  # the engine's log: the app's for the app arm
-    if result["timeline"] and result.get("start"):
-        result["timeline"]["ready"] = round(result["start"]["seconds"], 1)
+    # The engine's own timeline (engine.timeline: the worker's marks, or the app's log lines for the app arm);
+    # vLLM's log lines (to the second) where neither has one.
+    result["timeline"] = result.get("startup") or report.startup_marks(texts[-1])
+    if not result["timeline"]:
+        result["timeline"] = report.timeline(texts[-1], origin)
+        if result["timeline"] and result.get("start"):
+            result["timeline"]["ready"] = round(result["start"]["seconds"], 1)
     result["wall_s"] = time.time() - started
     result["order"] = plan.order
     result["log"] = str(plan.log_path)

@@ -347,6 +347,10 @@ class Worker:
             "worker_imports_s": PROCESS_START - spawned if self.ns.spawn_time else None,
         }
         self.result["gpu_memory"] = gpu_memory()
+        if self.arm.start_origin is None:  # the engine started in this process: its timeline is ours
+            from engine import timeline
+
+            self.result["startup"] = timeline.marks()
         self.result["notes"] = list(self.arm.notes)
         self.result["info"] = self.arm.info
         self.result["status"] = "ready"

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import threading
 
+from engine import timeline
 from engine.base import Engine, EngineError
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ def _run(engine: Engine, restart: bool) -> None:
         if restart:
             log.info("restarting the engine")
             await engine.shutdown()
+            timeline.restart()
         await engine.start()
 
     try:

@@ -136,6 +136,13 @@ class EngineSettings:
     torch_compile: bool = setting(
         True, "skip torch.compile: a faster first start (decode steps still run as CUDA graphs)", backends=VLLM
     )
+    small_batch_kernels: str = setting(
+        "auto",
+        "our NVFP4 kernels for decode batches of up to 8 tokens instead of Marlin's (Marlin for prompts); "
+        "auto: on the GPUs where a GPU test measured them faster (H100/H200)",
+        backends=VLLM,
+        choices=("auto", "on", "off"),
+    )
     # Off by default: on an H200 MTP drafting gained 10 % for one stream and halved four streams' throughput.
     draft_model: str | None = setting(
         None,

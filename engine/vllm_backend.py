@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from engine import timeline
 from engine.base import (
     Delta,
     EngineError,
@@ -154,6 +155,7 @@ class VllmEngine:
         prompt_tokens = 0
         try:
             async for out in stream:
+                timeline.mark("first token")  # of the first reply since the engine started
                 completion = out.outputs[0]
                 prompt_tokens = prompt_tokens or len(out.prompt_token_ids or ())
                 reasoning, text = splitter.feed(completion.text)

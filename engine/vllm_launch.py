@@ -7,8 +7,8 @@ The steps, in order: resolve the checkpoint (a folder, or a download with progre
 (patches.apply), read the GPU through NVML, find the MTP drafter, install the fixes to vLLM's own code for this
 model, build the engine arguments, start AsyncLLM. vLLM's engine core runs in a child process it forks from
 this one, which is how the patches installed here reach it. `patched=False` skips every patch (load-time
-repairs, the warm-up and drafter fixes, the small-batch kernels): what an unmodified vLLM 0.26 does with the
-same engine arguments.
+repairs, the warm-up and drafter fixes, the small-batch kernels of patches.small_batch): what an unmodified
+vLLM 0.26 does with the same engine arguments.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import Any
 
 import patches
 import patches.mtp
+import patches.small_batch
 import patches.warmup
-from engine import drafter, model_source
+from engine import drafter, model_source, timeline
 from engine.base import EngineError, EngineStatus, Stage
 from engine.model_source import Checkpoint
 from engine.settings import EngineSettings
@@ -100,8 +101,10 @@ async def launch(
         return lambda fraction, detail: report(EngineStatus(Stage.DOWNLOADING, what + detail, fraction))
 
     checkpoint = await asyncio.to_thread(model_source.resolve, settings.model, progress(""), weights=weights)
+    timeline.mark("checkpoint resolved")
     if patched and weights:
         notes += patches.apply(checkpoint.path)
+        timeline.mark("checkpoint checked")
     gpu = gpu_facts()
     if gpu.capability is None:
         raise EngineError("vLLM needs an NVIDIA GPU and none is visible; use --backend openai or transformers.")
@@ -109,8 +112,11 @@ async def launch(
     if patched:
         install_vllm_fixes(checkpoint, draft, notes)
     args = engine_args(settings, checkpoint, gpu, notes, draft)
+    if patched:
+        install_kernels(settings, gpu, args, notes)
     for name, value in (overrides or {}).items():
         setattr(args, name, value)
+    timeline.mark("engine arguments")
     report(EngineStatus(Stage.LOADING, f"starting vLLM on {gpu.name}"))
     watcher = LoadWatcher(report, notes)
     watcher.install()
@@ -119,6 +125,7 @@ async def launch(
         llm = await asyncio.to_thread(_create, args, list(stat_loggers))
     finally:
         watcher.stop()
+    timeline.mark("ready")
     return Launched(llm, checkpoint, gpu, args, notes)
 
 
@@ -135,6 +142,18 @@ def install_vllm_fixes(checkpoint: Checkpoint, draft: Path | None, notes: list[s
         log.info(fixed)
     if draft is not None and (fixed := patches.mtp.install()):
         notes.append(fixed)
+
+
+def install_kernels(settings: EngineSettings, gpu: GpuFacts, args: Any, notes: list[str]) -> None:
+    """Our small-batch NVFP4 kernels in place of the Marlin ones vLLM was given, where --small-batch-kernels
+    (and, for auto, the GPU) says so."""
+    kernels = {
+        "linear_backend": getattr(args, "linear_backend", None),
+        "moe_backend": getattr(args, "moe_backend", None),
+    }
+    if patches.small_batch.wanted(settings.small_batch_kernels, gpu.capability, kernels):
+        if fixed := patches.small_batch.install(kernels):
+            notes.append(fixed)
 
 
 def flash_attention_4_usable() -> bool:
@@ -224,20 +243,31 @@ def cuda_graph_sizes(max_tokens: int) -> list[int]:
 
 
 class LoadWatcher:
-    """Follows vLLM's log (parent and engine-core child) and turns milestones into load stages."""
+    """Follows vLLM's log (parent and engine-core child): milestones become load stages for the UI and marks on the
+    start-up timeline, stamped with the time vLLM logged them."""
 
+    # (pattern, stage, what the UI says, the timeline's name for it)
     MILESTONES = [
-        (re.compile(r"Starting to load model"), Stage.LOADING, "loading weights"),
+        (re.compile(r"Initializing a V1 LLM engine"), Stage.LOADING, "engine process started", "engine core started"),
+        (re.compile(r"Starting to load model"), Stage.LOADING, "loading weights", "loading weights"),
         (
             re.compile(r"(?:Model loading|Loading weights) took ([\d.]+ GiB)?"),
             Stage.COMPILING,
             "weights loaded; compiling",
+            "weights loaded",
         ),
-        (re.compile(r"torch\.compile took ([\d.]+) s"), Stage.COMPILING, "compiled; profiling memory"),
-        (re.compile(r"GPU KV cache size: ([\d,]+) tokens"), Stage.COMPILING, "KV cache sized; capturing CUDA graphs"),
-        (re.compile(r"Graph capturing finished"), Stage.COMPILING, "CUDA graphs captured; warming up"),
+        (re.compile(r"torch\.compile took ([\d.]+) s"), Stage.COMPILING, "compiled; profiling memory", "compiled"),
+        (
+            re.compile(r"GPU KV cache size: ([\d,]+) tokens"),
+            Stage.COMPILING,
+            "KV cache sized; capturing CUDA graphs",
+            "KV cache sized",
+        ),
+        (re.compile(r"Graph capturing finished"), Stage.COMPILING, "CUDA graphs captured; warming up", "CUDA graphs"),
+        (re.compile(r"init engine \(profile"), Stage.COMPILING, "engine process ready", "engine core ready"),
     ]
     AUTO_FIT = re.compile(r"Auto-fit max_model_len: reduced from (\d+) to (\d+)")
+    FORMAT = "%(created).3f %(message)s"  # the wall time of each record: the timeline's stamps
 
     def __init__(self, report: Report, notes: list[str]):
         self.report = report
@@ -253,13 +283,20 @@ class LoadWatcher:
         from vllm.logger import DEFAULT_LOGGING_CONFIG
 
         config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
-        config["handlers"]["load_watch"] = {"class": "logging.FileHandler", "filename": str(self.path), "level": "INFO"}
+        config["formatters"]["load_watch"] = {"format": self.FORMAT}
+        config["handlers"]["load_watch"] = {
+            "class": "logging.FileHandler",
+            "filename": str(self.path),
+            "level": "INFO",
+            "formatter": "load_watch",
+        }
         config["loggers"]["vllm"]["handlers"].append("load_watch")
         config_path = Path(self.dir) / "logging.json"
         config_path.write_text(json.dumps(config))
         os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_path)  # a spawned child configures itself from this
         handler = logging.FileHandler(self.path)  # a forked child inherits this one
         handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter(self.FORMAT))
         logging.getLogger("vllm").addHandler(handler)
         self._handler = handler
         self._thread.start()
@@ -280,9 +317,15 @@ class LoadWatcher:
                 self.feed(line)
 
     def feed(self, line: str) -> None:
-        if m := self.AUTO_FIT.search(line):
+        stamp, _, message = line.partition(" ")
+        try:
+            wall = float(stamp)
+        except ValueError:  # a line of a multi-line record
+            wall, message = None, line
+        if m := self.AUTO_FIT.search(message):
             self.notes.append(f"context lowered from {int(m[1]):,} to {int(m[2]):,} tokens to fit the KV cache")
-        for pattern, stage, detail in self.MILESTONES:
-            if m := pattern.search(line):
+        for pattern, stage, detail, name in self.MILESTONES:
+            if m := pattern.search(message):
+                timeline.mark(name, wall)
                 extra = next((g for g in m.groups() if g), None)
                 self.report(EngineStatus(stage, f"{detail} ({extra})" if extra else detail))

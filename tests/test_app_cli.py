@@ -45,6 +45,7 @@ FLAG_DEFAULTS = {
     "--max-videos-per-prompt": "1",
     "--cuda-graph-max-tokens": "2048",
     "--no-torch-compile": "False",
+    "--small-batch-kernels": "auto",
     "--draft-model": "None",
     "--num-speculative-tokens": "2",
     "--max-video-frames": "32",

@@ -2,11 +2,12 @@
 
 import dataclasses
 import itertools
+import logging
 import types
 
 import pytest
 
-from engine import model_source, vllm_backend, vllm_launch
+from engine import model_source, timeline, vllm_backend, vllm_launch
 from engine.base import SamplingOptions, Stage
 from engine.settings import EngineSettings
 from engine.vllm_backend import request_metrics, sampling_params, split_media
@@ -161,3 +162,31 @@ def test_a_vision_checkpoint_gets_the_apps_media_limits(tiny_vision_model_dir):
     # vLLM plans the memory of a video for the app's frame cap, not its own 32 frames.
     limits = args.create_model_config().multimodal_config.limit_per_prompt
     assert (limits["image"].count, limits["video"].count, limits["video"].num_frames) == (3, 1, 8)
+
+
+def test_the_start_up_timeline_stamps_vllms_stages_when_vllm_logged_them(monkeypatch):
+    monkeypatch.setattr(timeline, "_origin", 1000.0)
+    monkeypatch.setattr(timeline, "_marks", {})
+    watcher = LoadWatcher(lambda status: None, [])
+    watcher.feed("1008.250 Initializing a V1 LLM engine (v0.26.0) with config: ...\n")
+    watcher.feed("1016.500 Model loading took 14.8 GiB memory and 7.9 seconds\n")
+    watcher.feed("1016.900 Model loading took 14.8 GiB memory and 7.9 seconds\n")  # the first stamp stays
+    watcher.feed("1055.000 Graph capturing finished in 10 secs, took 0.30 GiB\n")
+    timeline.mark("ready", wall=1058.1)
+    assert timeline.marks() == {
+        "engine core started": 8.25,
+        "weights loaded": 16.5,
+        "CUDA graphs": 55.0,
+        "ready": 58.1,
+    }
+
+
+def test_the_app_logs_each_stage_in_the_line_the_bench_reads(monkeypatch, caplog):
+    from bench import report
+
+    monkeypatch.setattr(timeline, "_marks", {})
+    with caplog.at_level(logging.INFO, logger="startup"):
+        timeline.mark("imports")
+        timeline.mark("gradio imported")
+    marks = report.startup_marks("\n".join(f"2026-12-03 INFO startup: {r.getMessage()}" for r in caplog.records))
+    assert marks == timeline.marks() and list(marks) == ["imports", "gradio imported"]
