@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from chat import media
-from chat.media import MediaError, MediaKind, VideoClip
+import media
 from engine.base import Delta, Metrics
 from engine.settings import EngineSettings
+from media import MediaError, MediaKind, VideoClip
 
 Role = Literal["user", "assistant"]
 

@@ -26,7 +26,7 @@ RATE_WINDOW_S = 60.0
 class Limits:
     max_queue: int = 64  # requests waiting for a free slot; more are refused with "queue is full"
     rate_per_minute: int = 20  # messages one session may send a minute; 0: no limit
-    max_upload_mb: float = 200.0  # per file; the largest video chat.media reads is 200 MiB
+    max_upload_mb: float = 200.0  # per file; the largest video media.load_video reads is 200 MiB
 
 
 class RateLimiter:

@@ -34,10 +34,10 @@ from chat.conversation import (
 )
 from chat.history import HistoryStore
 from chat.limits import Limits, RateLimiter, fit_to_context
-from chat.media import DEFAULT_IMAGE_DETAIL, IMAGE_DETAIL_SOFT_TOKENS, format_timestamp
 from engine import lifecycle
 from engine.base import Engine, EngineStats, EngineStatus, GenerationRequest, SamplingOptions
 from engine.settings import EngineSettings
+from media import DEFAULT_IMAGE_DETAIL, IMAGE_DETAIL_SOFT_TOKENS, format_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def build_ui(
             textbox=gr.MultimodalTextbox(
                 placeholder="Message Gemma 4…",
                 sources=["upload"],
-                # Any file: chat.media judges each by its content and answers what it can't read in the chat.
+                # Any file: media judges each by its content and answers what it can't read in the chat.
                 file_count="multiple",
                 autofocus=True,
                 stop_btn=True,

@@ -56,7 +56,7 @@ class GenerationRequest:
 
     `messages` are OpenAI-style chat messages: {"role": "system"|"user"|"assistant", "content": str | list}
     where a list holds content parts ({"type": "text", "text": ...}, {"type": "image", "image": PIL.Image},
-    {"type": "video", "video": chat.media.VideoClip}).
+    {"type": "video", "video": media.VideoClip}).
     """
 
     messages: list[dict[str, Any]]

@@ -18,12 +18,12 @@ import openai
 from openai.types.chat import ChatCompletionChunk
 from PIL import Image
 
-from chat.media import format_timestamp
 from engine.base import Delta, EngineError, EngineStats, EngineStatus, GenerationRequest, Stage
 from engine.metrics import RequestClock
 from engine.prompt import content_parts
 from engine.reasoning import ReasoningSplitter
 from engine.settings import EngineSettings
+from media import format_timestamp
 
 _CHECK_TIMEOUT_S = 10.0
 

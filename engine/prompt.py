@@ -43,7 +43,7 @@ def without_placeholders(text: str) -> str:
 
 def take_media(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
     """Messages with image/video parts replaced by bare placeholders for the chat template, plus the images
-    (PIL) and video clips (chat.media.VideoClip) they held, in prompt order. Placeholders in the text are
+    (PIL) and video clips (media.VideoClip) they held, in prompt order. Placeholders in the text are
     dropped, so the template's are the only ones."""
     images: list[Any] = []
     videos: list[Any] = []

@@ -236,7 +236,7 @@ def model_inputs(
         if request.image_soft_tokens:
             media["images_kwargs"] = {"max_soft_tokens": request.image_soft_tokens}
     if videos:
-        # The frames are chosen already (chat.media); the metadata stamps each with its mm:ss time.
+        # The frames are chosen already (media.video); the metadata stamps each with its mm:ss time.
         media["videos"] = [clip.as_array() for clip in videos]
         media["video_metadata"] = [clip.hf_metadata() for clip in videos]
         media["do_sample_frames"] = False

@@ -18,7 +18,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from transformers import AutoProcessor
 
-from chat.media import load_video
+from media import load_video
 from tests.app_process import STARTUP_TIMEOUT_S, AppProcess, endless_copy
 from tests.test_media import write_video
 

@@ -18,9 +18,9 @@ from chat.conversation import (
     format_stats,
     turns_from_history,
 )
-from chat.media import VideoClip
 from engine.base import Delta, Metrics
 from engine.settings import EngineSettings
+from media import VideoClip
 from tests.test_media import write_video
 
 

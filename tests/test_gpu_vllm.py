@@ -81,8 +81,8 @@ async def test_tiny_vision_answers_about_an_image_and_a_video(tiny_vision_model_
     from PIL import Image
     from transformers import AutoProcessor, AutoTokenizer
 
-    from chat.media import load_image, load_video
     from engine.transformers_backend import model_inputs
+    from media import load_image, load_video
     from tests.test_media import write_video
 
     Image.new("RGB", (320, 240), (200, 30, 30)).save(tmp_path / "red.png")

@@ -1,4 +1,4 @@
-"""chat.media: uploads -> RGB images and timestamped video frames for Gemma 4.
+"""media: uploads -> RGB images and timestamped video frames for Gemma 4, and media below chat and engine.
 
 Every file is generated here into tmp_path. Video frames carry their own index as a
 12-bit pattern of black/white blocks, so a test can tell exactly which source frame it
@@ -7,7 +7,10 @@ got back, even after lossy compression.
 
 from __future__ import annotations
 
+import ast
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -15,8 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chat import media
-from chat.media import MediaError, classify, load_image, load_video
+import media
+import media.images
+import media.video
+from media import MediaError, classify, load_image, load_video
 
 # ----------------------------------------------------------------------------------------
 # Helpers
@@ -292,7 +297,7 @@ def test_small_image_is_left_alone(tmp_path):
 
 
 def test_image_over_decode_pixel_cap_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(media, "MAX_DECODE_PIXELS", 10_000)
+    monkeypatch.setattr(media.images, "MAX_DECODE_PIXELS", 10_000)
     path = tmp_path / "huge.png"
     Image.new("RGB", (200, 100)).save(path)
     with pytest.raises(MediaError, match=r"huge\.png is 200×100 pixels .* Resize it"):
@@ -437,9 +442,9 @@ def test_max_frames_cannot_exceed_32(ten_second_mp4):
 def test_seeking_lands_on_the_exact_frame(tmp_path, monkeypatch, ext, fourcc):
     """Long gaps are crossed by seeking; force it everywhere and check each frame's content."""
     path = write_video(tmp_path / f"long.{ext}", 1000, 10.0, fourcc)
-    monkeypatch.setattr(media, "SEEK_MIN_GAP_FRAMES", 1)
+    monkeypatch.setattr(media.video, "SEEK_MIN_GAP_FRAMES", 1)
     seeks = []
-    real_open = media._open_capture
+    real_open = media.video._open_capture
 
     def spying_open(p):
         cap = real_open(p)
@@ -455,7 +460,7 @@ def test_seeking_lands_on_the_exact_frame(tmp_path, monkeypatch, ext, fourcc):
 
         return Spy()
 
-    monkeypatch.setattr(media, "_open_capture", spying_open)
+    monkeypatch.setattr(media.video, "_open_capture", spying_open)
 
     clip = load_video(path, max_frames=7)
 
@@ -497,8 +502,8 @@ class HeaderlessCapture:
 
 
 def headerless(monkeypatch, **kw):
-    real_open = media._open_capture
-    monkeypatch.setattr(media, "_open_capture", lambda p: HeaderlessCapture(real_open(p), **kw))
+    real_open = media.video._open_capture
+    monkeypatch.setattr(media.video, "_open_capture", lambda p: HeaderlessCapture(real_open(p), **kw))
 
 
 def test_missing_frame_count_is_found_by_counting(ten_second_mp4, monkeypatch):
@@ -615,16 +620,43 @@ def test_timestamps_are_formatted_like_gemma_4(seconds, text):
     assert media.format_timestamp(seconds) == text
 
 
-def test_image_detail_levels_map_to_supported_budgets():
-    assert media.IMAGE_DETAIL_SOFT_TOKENS == {"minimal": 70, "low": 140, "medium": 280, "high": 560, "max": 1120}
-    assert media.image_detail_kwargs("high") == {"max_soft_tokens": 560}
-    assert media.image_detail_kwargs() == {"max_soft_tokens": 280}
-    with pytest.raises(ValueError, match="unknown image detail"):
-        media.image_detail_kwargs("ultra")
-
-
 def test_sample_frame_indices_handles_fractional_source_rates():
     """29.97 fps at 1 fps: nearest frame to each whole second."""
     assert media.sample_frame_indices(300, 29.97, 1.0, 32) == [0, 30, 60, 90, 120, 150, 180, 210, 240, 270]
     assert media.sample_frame_indices(0, 30.0, 1.0, 32) == []
     assert math.isclose(len(media.sample_frame_indices(10_000, 30.0, 1.0, 32)), 32)
+
+
+# ----------------------------------------------------------------------------------------
+# The layer: chat and engine import media; media imports neither
+# ----------------------------------------------------------------------------------------
+MEDIA_DIR = Path(media.__file__).resolve().parent
+ROOT = MEDIA_DIR.parent
+# The project's own top-level modules and packages, media aside: app, bench, chat, engine, nvfp4, patches, tests.
+OURS = {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/*.py")}
+OURS = {name for name in OURS if not name.startswith(".")} - {"media"}
+
+
+def test_media_imports_nothing_of_the_project_above_it():
+    """Every import in media/, at the top or inside a function: none reaches chat, engine or any other of ours."""
+    assert {"chat", "engine", "app"} <= OURS
+    for path in sorted(MEDIA_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []  # relative: inside media
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in OURS, f"media/{path.name} imports {name}"
+
+
+def test_importing_every_media_module_loads_neither_chat_nor_engine():
+    code = (
+        "import pkgutil, sys, importlib, media\n"
+        "for m in pkgutil.iter_modules(media.__path__): importlib.import_module('media.' + m.name)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(OURS)!r}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -22,11 +22,11 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from chat.media import VideoClip
 from engine.base import Delta, Engine, EngineError, GenerationRequest, SamplingOptions, Stage
 from engine.openai_backend import OpenAIEngine, chat_params
 from engine.settings import EngineSettings
 from engine.transformers_backend import TransformersEngine
+from media import VideoClip
 from tests.test_transformers_backend import LONG, endless_copy, eventually
 
 

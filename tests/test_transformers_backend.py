@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chat.media import VideoClip
 from engine.base import Delta, Engine, EngineError, GenerationRequest, SamplingOptions, Stage
 from engine.reasoning import ReasoningSplitter
 from engine.settings import EngineSettings
 from engine.transformers_backend import TransformersEngine, _PresencePenalty, generate_kwargs, model_inputs
+from media import VideoClip
 from tests.tiny_model import TOKEN_ID
 
 LONG = 100_000  # minutes of tokens on the endless model: a reply that only abort ends in time
@@ -229,7 +229,7 @@ def image_question(image: Image.Image, soft_tokens: int | None = None) -> Genera
 
 
 def tiny_clip(n_frames: int, every: int, fps: float = 10.0) -> VideoClip:
-    """Frames 0, every, 2*every, ... of a 96x128 clip at `fps`, as chat.media.load_video returns them."""
+    """Frames 0, every, 2*every, ... of a 96x128 clip at `fps`, as media.load_video returns them."""
     frames = list(np.random.default_rng(1).integers(0, 256, (n_frames, 96, 128, 3), dtype=np.uint8))
     indices = [i * every for i in range(n_frames)]
     total = indices[-1] + 1
