@@ -20,6 +20,7 @@ from engine import timeline
 from engine.base import EngineError
 from engine.factory import create_engine
 from engine.lifecycle import start_in_background
+from engine.openai_server import ApiAccess, OpenAIServer, decide_access
 from engine.settings import EngineSettings, add_flags, from_flags, positive
 
 log = logging.getLogger("app")
@@ -52,6 +53,24 @@ def _auth_file(value: str) -> list[tuple[str, str]]:
     return logins
 
 
+def _api_key(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a key, got an empty one")
+    return value.strip()
+
+
+def _api_key_file(value: str) -> str:
+    """The key is FILE's first line that is not blank."""
+    try:
+        lines = Path(value).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"can't read {value}: {e.strerror}") from None
+    key = next((line.strip() for line in lines if line.strip()), "")
+    if not key:
+        raise argparse.ArgumentTypeError(f"{value} holds no key")
+    return key
+
+
 def _count(value: str) -> int:
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"expected 0 or a positive whole number, got {value!r}")
@@ -72,6 +91,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--auth", type=_auth, action="append", metavar="USER:PASS", help="require this login; repeat for more users"
     )
     p.add_argument("--auth-file", type=_auth_file, metavar="FILE", help="require a login: USER:PASS lines of FILE")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key",
+        type=_api_key,
+        metavar="KEY",
+        help="require this key on the OpenAI-compatible API (/v1, /health) as `Authorization: Bearer KEY`; "
+        "without one /v1 is off under --share, --auth or a --host other than loopback",
+    )
+    key.add_argument("--api-key-file", type=_api_key_file, metavar="FILE", help="as --api-key, the key read from FILE")
+    p.add_argument("--no-api", action="store_true", help="don't serve the OpenAI-compatible API (/v1, /health)")
     p.add_argument("--data-dir", type=Path, default=default_data_dir(), help="where the chat history (SQLite) is kept")
     limits = Limits()
     p.add_argument(
@@ -101,6 +130,12 @@ def settings_from_args(ns: argparse.Namespace) -> EngineSettings:
 
 def logins(ns: argparse.Namespace) -> list[tuple[str, str]] | None:
     return [*(ns.auth or []), *(ns.auth_file or [])] or None
+
+
+def api_access(ns: argparse.Namespace) -> ApiAccess:
+    """Who may call /v1 (engine.openai_server.decide_access has the rules)."""
+    key = ns.api_key or ns.api_key_file
+    return decide_access(key=key, no_api=ns.no_api, host=ns.host, share=ns.share, login=logins(ns) is not None)
 
 
 SHARE_WITHOUT_AUTH = """
@@ -138,11 +173,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     start_in_background(engine)
 
     from chat.desktop import open_window  # here: gradio takes seconds to import, --help needn't wait
+    from chat.status import EngineView
     from chat.ui import TITLE, build_ui, launch_options
 
     timeline.mark("gradio imported")
     limits = Limits(max_queue=ns.max_queue, rate_per_minute=ns.rate_limit, max_upload_mb=ns.max_upload_mb)
-    demo = build_ui(engine, settings, store, limits)
+    view = EngineView(engine)  # the sidebar's and /status's
+    api = OpenAIServer(engine, api_access(ns))  # /v1 and /health on the page's port, over the same engine
+    demo = build_ui(engine, settings, store, limits, view)
     demo.queue(default_concurrency_limit=settings.max_num_seqs, max_size=limits.max_queue)
     auth = logins(ns)
     if ns.share and not auth:
@@ -158,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             auth=auth,
             max_file_size=int(limits.max_upload_mb * 2**20),
             prevent_thread_lock=True,
-            **launch_options(),
+            **api.launch_options(launch_options(view)),
         )
         timeline.mark("page served")
         if ns.share and not demo.share_url:
@@ -166,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "could not open a share link (no internet, or gradio.live unreachable); serving locally only at %s",
                 demo.local_url,
             )
+        api.log_status(demo.local_url, demo.share_url)
         # A native window serves until it is closed; a browser tab (or none), until Ctrl+C or SIGTERM.
         if not (ns.desktop and open_window(demo.local_url, TITLE)):
             demo.block_thread()

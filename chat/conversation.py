@@ -67,7 +67,7 @@ class Reply:
     finish_reason: str | None = None
     reasoning_s: float | None = None  # time to the first answer text after thinking; None while thinking
     error: str | None = None
-    # time.monotonic() when the message reached the server (chat.ui stamps the HTTP request): TTFT then counts
+    # time.monotonic() when the message reached the server (chat.arrival stamps the HTTP request): TTFT then counts
     # Gradio's queue and what the app does before the engine (media, chat template, context check), as the
     # user waits for those too
     received: float | None = None

@@ -31,15 +31,15 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder, is_in_or_equal
 
-from chat import ui
+from chat.arrival import arrived
 from chat.conversation import Reply, ReplyStats, message_parts
 from chat.history import HistoryStore, Message, NotFound
 from chat.limits import RateLimiter, rate_note
+from chat.messages import THINKING, note, reply_messages, text_parts
 from engine.base import Metrics
 
 log = logging.getLogger(__name__)
 
-THINKING = "Thinking"  # the title ui.reply_messages gives a reply's thoughts
 STATS_KEYS = tuple(f.name for f in dataclasses.fields(ReplyStats))
 METRICS_KEYS = {f.name for f in dataclasses.fields(Metrics)}
 # Runs in the browser on page load: the browser's id, made on its first visit. Not gr.BrowserState: its
@@ -187,10 +187,10 @@ def to_chat(stored: Sequence[Message]) -> tuple[list[dict[str, Any]], list[dict[
                 finish_reason=(numbers or {}).get("finish_reason"),
                 reasoning_s=reasoning_s if isinstance(reasoning_s, (int, float)) else None,
             )
-            group = ui.reply_messages(reply, done=True)
-            for note in _notes(stats):
-                content = [*map(_shown_file, note.get("files", [])), *ui._text(note["text"])]
-                group.insert(note["at"], {"role": "assistant", "content": content, "metadata": note["metadata"]})
+            group = reply_messages(reply, done=True)
+            for kept in _notes(stats):
+                content = [*map(_shown_file, kept.get("files", [])), *text_parts(kept["text"])]
+                group.insert(kept["at"], {"role": "assistant", "content": content, "metadata": kept["metadata"]})
             shown += group
             if numbers:
                 rows.append(numbers)
@@ -268,23 +268,23 @@ class HistoryPanel:
     def chat_fn(
         self, inner: Callable[..., AsyncIterator[tuple[Any, ...]]], engine_ready: Callable[[], bool] = lambda: True
     ) -> Callable[..., AsyncIterator[Any]]:
-        """`inner` (ui.make_chat_fn's chat) with the rate limit and saving around it.
+        """`inner` (chat.chat_view.make_chat_fn's chat) with the rate limit and saving around it.
 
-        inner yields (messages, ttft, tok/s, tokens, replies); the wrapper adds the conversation id. Messages
-        sent while the engine is not ready (inner answers them with a note) don't count against the rate limit.
+        inner yields (messages, ttft, tok/s, tokens, replies); the wrapper adds the conversation id, and gives
+        inner the time the message reached the server (`received`, where its TTFT clock starts). Messages sent
+        while the engine is not ready (inner answers them with a note) don't count against the rate limit.
         """
 
         async def chat(message: Any, history: list[dict[str, Any]], *args: Any) -> AsyncIterator[Any]:
             *inner_args, conversation_id, session_owner, request = args
-            ui.MESSAGE_ARRIVED.set(ui.arrived(request))  # inner's TTFT clock starts there
+            received = arrived(request)
             wait = self.limiter.wait_s(request.session_hash or "") if engine_ready() else 0.0
             if wait:
-                note = ui._note(f"⏳ {rate_note(self.limiter.per_minute, wait)}")
-                yield [note], None, None, None, gr.skip(), gr.skip()
+                yield [note(f"⏳ {rate_note(self.limiter.per_minute, wait)}")], None, None, None, gr.skip(), gr.skip()
                 return
             owner = owner_of(request, None) or session_owner  # the login, else what the page load found
             if self.store is None or owner is None:
-                async with aclosing(inner(message, history, *inner_args)) as stream:
+                async with aclosing(inner(message, history, *inner_args, received=received)) as stream:
                     async for out in stream:
                         yield *out, gr.skip()
                 return
@@ -297,7 +297,7 @@ class HistoryPanel:
                 # The message is on screen already: saved, and the conversation listed, before the engine is asked.
                 await asyncio.to_thread(self._save_as, me, owner, conversation_id, [*kept, *user])
                 yield [], None, None, None, gr.skip(), conversation_id
-                async with aclosing(inner(message, history, *inner_args)) as stream:
+                async with aclosing(inner(message, history, *inner_args, received=received)) as stream:
                     async for out in stream:
                         messages, *_, replies = out
                         numbers = replies[-1] if isinstance(replies, list) and replies else None
@@ -311,8 +311,8 @@ class HistoryPanel:
                         del self._writers[conversation_id]
 
         # ChatInterface names the /chat API's parameters after the function's and hands gr.Request to a
-        # parameter annotated with it: show it inner's parameters, then ours.
-        params = list(inspect.signature(inner).parameters.values())
+        # parameter annotated with it: show it inner's positional parameters (not `received`), then ours.
+        params = [p for p in inspect.signature(inner).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
         extra = ["conversation_id", "owner", "request"]
         params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in extra]
         chat.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -9,7 +9,10 @@ import enum
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from engine.experts import ExpertCounts
 
 
 class Stage(str, enum.Enum):
@@ -83,6 +86,9 @@ class Delta:
     reasoning: str = ""
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     metrics: Metrics = field(default_factory=Metrics)
+    # --expert-view: the reply's routing counts so far (engine.experts), each delta its own snapshot; None when off
+    # and on the openai backend (an OpenAI server sends no routing).
+    experts: ExpertCounts | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,8 @@ class EngineError(RuntimeError):
 @runtime_checkable
 class Engine(Protocol):
     """Every backend. Those that know their context also have `max_model_len: int | None` (known once started)
-    and `count_prompt_tokens(request) -> int`; chat.limits reads both with getattr to refuse overlong prompts."""
+    and `count_prompt_tokens(request) -> int`; chat.limits reads both with getattr to refuse overlong prompts.
+    Those that make choices for the user keep them in `notes: list[str]` (chat.status shows both at /status)."""
 
     name: str  # "vllm", "openai", "transformers"
     model: str  # what the user asked for (hub id, path or served model name)

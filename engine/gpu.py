@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -13,3 +14,16 @@ def visible_gpu() -> Any:
     pynvml.nvmlInit()
     first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
     return pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
+
+
+@functools.cache
+def visible_gpu_name() -> str | None:
+    """The name of that GPU (e.g. "NVIDIA H200"); None without NVML (a CPU machine, a container without the
+    driver library)."""
+    try:
+        import pynvml
+
+        name = pynvml.nvmlDeviceGetName(visible_gpu())
+    except Exception:
+        return None
+    return name.decode() if isinstance(name, bytes) else str(name)

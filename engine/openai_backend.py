@@ -54,7 +54,8 @@ class OpenAIEngine:
         return self._status
 
     def _new_client(self, **options: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.settings.base_url, api_key=self.settings.api_key or "EMPTY", **options)
+        key = self.settings.remote_api_key or "EMPTY"
+        return openai.AsyncOpenAI(base_url=self.settings.base_url, api_key=key, **options)
 
     async def start(self) -> None:
         try:
@@ -83,7 +84,7 @@ class OpenAIEngine:
                     "right (it usually ends in /v1)?"
                 ) from e
             except openai.APIStatusError as e:
-                hint = " Check --api-key." if e.status_code in (401, 403) else ""
+                hint = " Check --remote-api-key." if e.status_code in (401, 403) else ""
                 raise EngineError(f"{url} answered {e.status_code} to GET /models: {e.message}.{hint}") from e
         served = [model.id for model in page.data]
         if not served:

@@ -95,7 +95,8 @@ class EngineSettings:
     model: str = setting(DEFAULT_MODEL, "hub id or local directory (the served model name for openai)")
     backend: str = setting("auto", "auto: vLLM on an NVIDIA GPU", choices=BACKENDS)
     base_url: str | None = setting(None, "OpenAI-compatible server, e.g. http://spark:8000/v1", backends=("openai",))
-    api_key: str | None = setting(None, "API key for --base-url", backends=("openai",))
+    # The key this app sends to --base-url; the key clients send to this app's own /v1 is app.py's --api-key.
+    remote_api_key: str | None = setting(None, "API key for --base-url (sent to that server)", backends=("openai",))
     # vllm backend; defaults follow the model card's `vllm serve` flags
     max_model_len: int | None = setting(
         262144,
@@ -155,6 +156,13 @@ class EngineSettings:
     )
     num_speculative_tokens: int = setting(
         2, "tokens the MTP drafter proposes a step", backends=VLLM, parse=positive(int)
+    )
+    # Off by default: when off, vLLM is started exactly as without it (engine.experts, patches/experts.py).
+    expert_view: bool = setting(
+        False,
+        "count which experts each reply is routed to (layer x expert), live while it streams, for the UI's "
+        "'Experts at work' (vLLM: its routed-experts capture; README: what it costs)",
+        backends=("vllm", "transformers"),
     )
     # Random weights accept no draft: vLLM then accepts drafts at these per-position rates instead of checking them.
     synthetic_acceptance: tuple[float, ...] | None = setting(

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -30,6 +31,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from engine import model_source
 from engine.base import Delta, EngineError, EngineStats, EngineStatus, GenerationRequest, SamplingOptions, Stage
+from engine.experts import PROMPT_TOKENS, ExpertCounts
 from engine.metrics import RequestClock
 from engine.prompt import render_chat, take_media
 from engine.reasoning import ReasoningSplitter
@@ -49,6 +51,7 @@ class TransformersEngine:
         self._tokenizer: Any = None
         self._processor: Any = None  # Gemma4Processor for image and video prompts; None for a text-only checkpoint
         self._device = "cpu"
+        self._expert_shape: tuple[int, int, int] | None = None  # --expert-view on a model with experts
         self.max_model_len: int | None = None  # context in tokens, known once loaded; the UI checks prompts against it
         # Held by the worker thread of the running generation, so the next one starts only once it has stopped.
         self._busy = threading.Lock()
@@ -88,6 +91,7 @@ class TransformersEngine:
         self._model = model.to(self._device).eval()
         self._tokenizer = tokenizer
         self._processor = processor
+        self._expert_shape = expert_shape(config) if self.settings.expert_view else None
         own = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
         self.max_model_len = min((n for n in (own, self.settings.max_model_len) if n), default=None)
 
@@ -110,6 +114,11 @@ class TransformersEngine:
             # In a thread: the image and video processors take a while on a long video.
             prompt, inputs = await asyncio.to_thread(model_inputs, tokenizer, self._processor, request)
             clock.prompt_tokens = inputs["input_ids"].shape[1]
+            experts = tap = None
+            if self._expert_shape is not None:  # the routers' choices, counted as vLLM's: the prompt's last tokens
+                counted = min(clock.prompt_tokens, PROMPT_TOKENS)
+                experts = ExpertCounts.empty(*self._expert_shape, prompt_size=counted)
+                tap = _RouterTap(model, self._expert_shape, skip=clock.prompt_tokens - counted)
             while not self._busy.acquire(blocking=False):
                 if stop.is_set():
                     yield Delta(finish_reason="abort", metrics=clock.metrics())
@@ -128,7 +137,7 @@ class TransformersEngine:
             eos_ids = _eos_ids(model)
             worker = threading.Thread(
                 target=self._generate_in_thread,
-                args=(model, inputs.to(self._device), request.sampling, stop, emit),
+                args=(model, inputs.to(self._device), request.sampling, stop, emit, tap),
                 name=f"transformers-generate-{request.request_id[:8]}",
                 daemon=True,
             )
@@ -146,10 +155,13 @@ class TransformersEngine:
                     raise EngineError(f"Generation failed: {type(value).__name__}: {value}") from value
                 if kind == "end":
                     break
+                if kind == "routing":  # the routing of the step whose token comes next
+                    experts = experts.add(value)
+                    continue
                 clock.tokens_arrived(len(value), now=at)
                 reasoning, text = splitter.feed(detokenizer.add(value))
                 if reasoning or text:
-                    yield Delta(text, reasoning, None, clock.metrics())
+                    yield Delta(text, reasoning, None, clock.metrics(), experts)
 
             reasoning, text = splitter.feed(detokenizer.add([], final=True))
             tail_reasoning, tail_text = splitter.flush()
@@ -160,7 +172,7 @@ class TransformersEngine:
                 finish = "abort"
             else:
                 finish = "length"  # max_tokens, or the model's own length limit
-            yield Delta(text + tail_text, reasoning + tail_reasoning, finish, clock.metrics())
+            yield Delta(text + tail_text, reasoning + tail_reasoning, finish, clock.metrics(), experts)
         finally:
             stop.set()  # a consumer that stops early (aclose, cancellation) stops the worker
             self._stops.pop(request.request_id, None)
@@ -172,8 +184,11 @@ class TransformersEngine:
         sampling: SamplingOptions,
         stop: threading.Event,
         emit: Callable[[str, Any], None],
+        tap: _RouterTap | None = None,
     ) -> None:
         try:
+            if tap is not None:
+                tap.install()  # only for this generation, which holds the model alone
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)  # the global generator: safe while one generation runs at a time
             processors = LogitsProcessorList()
@@ -181,7 +196,7 @@ class TransformersEngine:
                 processors.append(_PresencePenalty(sampling.presence_penalty, inputs["input_ids"].shape[1]))
             model.generate(
                 **inputs,
-                streamer=_TokenStreamer(emit),
+                streamer=_TokenStreamer(emit, tap),
                 stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
                 logits_processor=processors,
                 **generate_kwargs(sampling),
@@ -190,6 +205,8 @@ class TransformersEngine:
         except Exception as e:
             emit("error", e)
         finally:
+            if tap is not None:
+                tap.remove()
             self._busy.release()
 
     async def abort(self, request_id: str) -> None:
@@ -263,6 +280,67 @@ def _eos_ids(model: Any) -> set[int]:
     return set(eos) if isinstance(eos, list) else {eos}
 
 
+def expert_shape(config: Any) -> tuple[int, int, int] | None:
+    """(layers, experts, top_k) of a Gemma 4 with routed experts; None for a dense one."""
+    text = getattr(config, "text_config", config)
+    if not getattr(text, "enable_moe_block", False) or not getattr(text, "num_experts", None):
+        return None
+    return text.num_hidden_layers, text.num_experts, text.top_k_experts
+
+
+def moe_routers(model: Any) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, router) of each Gemma 4 text decoder layer with experts."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextDecoderLayer
+
+    return [
+        (m.layer_idx, m.router)
+        for m in model.modules()
+        if isinstance(m, Gemma4TextDecoderLayer) and getattr(m, "enable_moe_block", False)
+    ]
+
+
+class _RouterTap:
+    """--expert-view: a forward hook on each Gemma 4 router keeps the top-k expert ids it returns (what the experts
+    then run: `Gemma4TextRouter.forward` -> (probabilities, weights, top_k_index)). `take` gives a step's ids as
+    [tokens, layers, top_k], vLLM's layout, leaving out the first `skip` prompt tokens. Hooks live for one
+    generation (install/remove in its thread); the ids stay on the model's device until `take`, which copies once
+    a step."""
+
+    def __init__(self, model: Any, shape: tuple[int, int, int], skip: int = 0):
+        self._routers = moe_routers(model)
+        self._layers, _, self._top_k = shape
+        self._skip = skip
+        self._step: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def install(self) -> None:
+        for layer, router in self._routers:
+            self._handles.append(router.register_forward_hook(self._hook(layer)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: int) -> Callable[..., None]:
+        def keep(module: Any, args: Any, output: tuple[torch.Tensor, ...]) -> None:
+            self._step[layer] = output[2]
+
+        return keep
+
+    def take(self) -> np.ndarray | None:
+        if not self._step:
+            return None
+        tokens = next(iter(self._step.values())).shape[0]
+        layers = sorted(self._step)
+        ids = torch.zeros((tokens, self._layers, self._top_k), dtype=torch.int16)  # a layer without routing: 0s
+        ids[:, layers] = torch.stack([self._step[layer] for layer in layers], dim=1).to("cpu", torch.int16)
+        self._step.clear()
+        rows = ids.numpy()[self._skip :]
+        self._skip = 0
+        return rows
+
+
 class _Detokenizer:
     """Decodes the growing reply and returns what is new, holding back a trailing half UTF-8 character.
 
@@ -289,16 +367,20 @@ class _Detokenizer:
 
 
 class _TokenStreamer(BaseStreamer):
-    """generate()'s streamer: passes each new token id on; the first put() is the prompt, skipped."""
+    """generate()'s streamer: passes each new token id on, after the routing of the step that made it (when a tap
+    records it); the first put() is the prompt, skipped."""
 
-    def __init__(self, emit: Callable[[str, Any], None]):
+    def __init__(self, emit: Callable[[str, Any], None], tap: _RouterTap | None = None):
         self._emit = emit
+        self._tap = tap
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
+        if self._tap is not None and (routing := self._tap.take()) is not None:
+            self._emit("routing", routing)
         self._emit("tokens", value.view(-1).tolist())
 
     def end(self) -> None:

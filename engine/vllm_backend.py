@@ -12,6 +12,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
+
+import patches.experts
 from engine import timeline
 from engine.base import (
     Delta,
@@ -23,6 +26,7 @@ from engine.base import (
     SamplingOptions,
     Stage,
 )
+from engine.experts import PROMPT_TOKENS, ExpertCounts
 from engine.gpu import visible_gpu
 from engine.metrics import decode_rate
 from engine.prompt import render_chat, take_media
@@ -35,10 +39,13 @@ log = logging.getLogger(__name__)
 COUNTED_KEPT = 64  # prompts rendered for a context check and kept for their request (a few are in flight)
 
 
-def sampling_params(options: SamplingOptions):
+def sampling_params(options: SamplingOptions, routed_prompt_start: int | None = None):
+    """vLLM's SamplingParams; `routed_prompt_start` (--expert-view): the prompt tokens whose routing vLLM leaves
+    out of what it returns."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    experts = {} if routed_prompt_start is None else {"routed_experts_prompt_start": routed_prompt_start}
     return SamplingParams(
         temperature=options.temperature,
         top_p=options.top_p,
@@ -51,7 +58,28 @@ def sampling_params(options: SamplingOptions):
         output_kind=RequestOutputKind.DELTA,
         # Gemma 4 marks its thinking with special tokens; keep them so the splitter can see them.
         skip_special_tokens=False,
+        **experts,
     )
+
+
+def expert_shape(model_config: Any) -> tuple[int, int, int] | None:
+    """(layers, experts, top_k) of a model whose routing vLLM records (enable_return_routed_experts); else None."""
+    if not getattr(model_config, "enable_return_routed_experts", False):
+        return None
+    text = model_config.hf_text_config
+    experts = getattr(text, "num_experts", None)
+    top_k = getattr(text, "top_k_experts", None) or getattr(text, "num_experts_per_tok", None)
+    if not experts or not top_k:
+        return None
+    return text.num_hidden_layers, experts, top_k
+
+
+def routed_prompt_start(prompt: dict[str, Any]) -> int:
+    """The prompt tokens to leave out of the expert view: all but the last PROMPT_TOKENS of a text prompt. vLLM
+    asserts that this is less than the prompt's length, which for a prompt with images or videos is known only after
+    its processor has expanded them: such a prompt is counted whole."""
+    ids = prompt.get("prompt_token_ids")
+    return 0 if ids is None else max(len(ids) - PROMPT_TOKENS, 0)
 
 
 def request_metrics(stats: Any, prompt_tokens: int) -> Metrics:
@@ -108,6 +136,7 @@ class VllmEngine:
         self._llm = None
         self._tap = _SchedulerStatsTap()
         self._multimodal = False  # the checkpoint has the processor files image and video prompts need
+        self._expert_shape: tuple[int, int, int] | None = None  # --expert-view on a model with experts
         # Prompts rendered for the context check, by request id, for generate() to send as they are.
         self._counted: dict[str, dict[str, Any]] = {}
         self._counted_lock = threading.Lock()
@@ -116,6 +145,12 @@ class VllmEngine:
         if self._llm is not None and self._llm.errored:  # the engine core process died under a running app
             return EngineStatus(Stage.FAILED, "the vLLM engine process died (see the server log); restart it")
         return self._status
+
+    @property
+    def async_llm(self) -> Any:
+        """The running AsyncLLM, None before it started and after shutdown; a restart makes a new one.
+        engine.openai_server serves vLLM's /v1 routes over it."""
+        return self._llm
 
     def _report(self, status: EngineStatus) -> None:
         self._status = status
@@ -133,6 +168,7 @@ class VllmEngine:
         self._llm = launched.llm
         self.max_model_len = self._llm.model_config.max_model_len
         self._multimodal = launched.checkpoint.has_vision
+        self._expert_shape = expert_shape(self._llm.model_config)
         # The sidebar shows the detail: the choices made for this GPU and any repairs belong there.
         detail = " · ".join([launched.gpu.name, f"context {self.max_model_len:,} tokens", *self.notes])
         self._report(EngineStatus(Stage.READY, detail))
@@ -145,14 +181,18 @@ class VllmEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         llm = self._engine()
         prompt = self.engine_prompt(request)
+        shape = self._expert_shape
+        skip = None if shape is None else routed_prompt_start(prompt)
         stream = llm.generate(
             prompt,
-            sampling_params(request.sampling),
+            sampling_params(request.sampling, routed_prompt_start=skip),
             request.request_id,
             tokenization_kwargs={"add_special_tokens": False},  # the template already wrote <bos>
         )
         splitter = ReasoningSplitter(prompt["prompt"])
         prompt_tokens = 0
+        experts: ExpertCounts | None = None
+        seen = 0  # routing chunks counted
         try:
             async for out in stream:
                 timeline.mark("first token")  # of the first reply since the engine started
@@ -163,7 +203,13 @@ class VllmEngine:
                     tail_reasoning, tail_text = splitter.flush()
                     reasoning, text = reasoning + tail_reasoning, text + tail_text
                 metrics = request_metrics(out.metrics, prompt_tokens)
-                yield Delta(text, reasoning, completion.finish_reason, metrics)
+                if shape is not None:
+                    if experts is None:
+                        experts = ExpertCounts.empty(*shape, prompt_size=len(out.prompt_token_ids or ()) - skip)
+                    chunks, seen = patches.experts.new_routing(completion, seen)
+                    if chunks:
+                        experts = experts.add(chunks[0] if len(chunks) == 1 else np.concatenate(chunks))
+                yield Delta(text, reasoning, completion.finish_reason, metrics, experts)
         finally:
             await stream.aclose()  # a consumer that stops early aborts the request inside vLLM
 

@@ -7,8 +7,8 @@ The steps, in order: resolve the checkpoint (a folder, or a download with progre
 (patches.apply), read the GPU through NVML, find the MTP drafter, install the fixes to vLLM's own code for this
 model, build the engine arguments, start AsyncLLM. vLLM's engine core runs in a child process it forks from
 this one, which is how the patches installed here reach it. `patched=False` skips every patch (load-time
-repairs, the warm-up and drafter fixes, the small-batch kernels of patches.small_batch): what an unmodified
-vLLM 0.26 does with the same engine arguments.
+repairs, the warm-up and drafter fixes, the small-batch kernels of patches.small_batch, the expert view's streamed
+routing of patches.experts): what an unmodified vLLM 0.26 does with the same engine arguments.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import patches
+import patches.experts
 import patches.mtp
 import patches.small_batch
 import patches.warmup
@@ -108,12 +109,15 @@ async def launch(
     gpu = gpu_facts()
     if gpu.capability is None:
         raise EngineError("vLLM needs an NVIDIA GPU and none is visible; use --backend openai or transformers.")
+    cache, size = compile_cache()
+    log.info("vLLM's compile cache: %s (%.1f GB%s)", cache, size / 1e9, "" if size else ": empty, this start compiles")
     draft = await asyncio.to_thread(drafter.resolve, settings, checkpoint, progress("MTP drafter: "), notes)
     if patched:
         install_vllm_fixes(checkpoint, draft, notes)
     args = engine_args(settings, checkpoint, gpu, notes, draft)
     if patched:
         install_kernels(settings, gpu, args, notes)
+        install_expert_view(args, notes)
     for name, value in (overrides or {}).items():
         setattr(args, name, value)
     timeline.mark("engine arguments")
@@ -133,7 +137,20 @@ def _create(args: Any, stat_loggers: list[Any]) -> Any:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")  # keeps the patches in the engine process
+    # vLLM keeps its memory-profiling result beside the compile cache and skips the profiling pass on a later
+    # start with the same model, settings and GPU (it profiles again on any mismatch).
+    os.environ.setdefault("VLLM_ENABLE_STARTUP_PLAN", "1")
     return AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers or None)
+
+
+def compile_cache() -> tuple[Path, int]:
+    """vLLM's compile cache (torch.compile's graphs, the start-up plan) and its size in bytes: what makes a second
+    start fast. VLLM_CACHE_ROOT moves it."""
+    import vllm.envs as envs
+
+    root = Path(envs.VLLM_CACHE_ROOT)
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+    return root, size
 
 
 def install_vllm_fixes(checkpoint: Checkpoint, draft: Path | None, notes: list[str]) -> None:
@@ -142,6 +159,17 @@ def install_vllm_fixes(checkpoint: Checkpoint, draft: Path | None, notes: list[s
         log.info(fixed)
     if draft is not None and (fixed := patches.mtp.install()):
         notes.append(fixed)
+
+
+def install_expert_view(args: Any, notes: list[str]) -> None:
+    """--expert-view: the routing vLLM records, handed out while a reply streams (patches.experts). Nothing is
+    installed when the engine arguments don't ask vLLM to record it."""
+    if not getattr(args, "enable_return_routed_experts", False):
+        return
+    if fixed := patches.experts.install():
+        log.info(fixed)
+    else:
+        notes.append("expert view: this vLLM hands out the routing only when a reply ends")
 
 
 def install_kernels(settings: EngineSettings, gpu: GpuFacts, args: Any, notes: list[str]) -> None:
@@ -196,6 +224,13 @@ def engine_args(
         notes.append(
             f"FlashAttention 4 needs nvidia-cutlass-dsl and apache-tvm-ffi=={FA4_TVM_FFI}: using Triton attention"
         )
+    # --expert-view: vLLM records each token's routed experts (patches.experts); off, the arguments are as without it.
+    experts = {}
+    if settings.expert_view:
+        if reason := patches.experts.supported():
+            notes.append(reason)
+        else:
+            experts["enable_return_routed_experts"] = True
     wanted_len = settings.max_model_len
     max_model_len = AUTO_FIT if wanted_len is None or wanted_len >= checkpoint.context_length else wanted_len
     # num_frames: vLLM plans memory for 32 frames per video unless told the app sends fewer.
@@ -220,6 +255,7 @@ def engine_args(
         compilation_config=compilation_config(settings),
         speculative_config=None if draft is None else drafter.speculative_config(draft, settings),
         **multimodal,
+        **experts,
         **{k: v for k, v in kernel.items() if v is not None},
     )
 

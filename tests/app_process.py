@@ -68,14 +68,15 @@ class AppProcess:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_ready(self) -> AppProcess:
-        """Until the server answers and the engine has loaded."""
+    def wait_ready(self, *lines: str) -> AppProcess:
+        """Until the server answers, the engine has loaded and the log holds `lines` (the engine loads while the
+        server starts, so either can come first)."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"app exited with {self.proc.returncode}:\n{self.log_text()}")
             text = self.log_text()
-            if READY_LINE in text and "Running on local URL" in text:
+            if all(line in text for line in (READY_LINE, "Running on local URL", *lines)):
                 return self
             time.sleep(0.2)
         raise TimeoutError(f"the app was not ready after {STARTUP_TIMEOUT_S} s:\n{self.log_text()}")

@@ -67,6 +67,14 @@ def test_without_the_login_nothing_is_served(app: AppProcess):
     assert ask(app, "Hi", login=BOB)[3] == 4  # the --auth-file login works too
 
 
+def test_status_needs_the_login(app: AppProcess):
+    with httpx.Client(base_url=app.url) as http:
+        assert http.get("status").status_code == 401
+        assert http.post("login", data=dict(zip(("username", "password"), BOB, strict=True))).status_code == 200
+        status = http.get("status").json()
+    assert status["ready"] and status["backend"] == "transformers" and status["max_model_len"] == CONTEXT
+
+
 def test_twenty_concurrent_requests_are_answered_or_refused_and_none_is_lost(app: AppProcess):
     def one(i: int) -> tuple[str, object]:
         try:

@@ -18,12 +18,15 @@ FLAG_DEFAULTS = {
     "--model": EngineSettings().model,
     "--backend": "auto",
     "--base-url": "None",
-    "--api-key": "None",
+    "--remote-api-key": "None",
     "--host": "127.0.0.1",
     "--port": "7860",
     "--share": "False",
     "--auth": "None",
     "--auth-file": "None",
+    "--api-key": "None",
+    "--api-key-file": "None",
+    "--no-api": "False",
     "--data-dir": str(default_data_dir()),
     "--max-queue": "64",
     "--rate-limit": "20",
@@ -48,6 +51,7 @@ FLAG_DEFAULTS = {
     "--small-batch-kernels": "auto",
     "--draft-model": "None",
     "--num-speculative-tokens": "2",
+    "--expert-view": "False",
     "--max-video-frames": "32",
     "--video-fps": "1.0",
     "--log-level": "info",
@@ -76,7 +80,7 @@ def test_every_engine_flag_reaches_the_settings():
             "openai",
             "--base-url",
             "http://spark:8000/v1",
-            "--api-key",
+            "--remote-api-key",
             "sk-1",
             "--max-model-len",
             "32768",
@@ -113,7 +117,7 @@ def test_every_engine_flag_reaches_the_settings():
         model="/models/gemma",
         backend="openai",
         base_url="http://spark:8000/v1",
-        api_key="sk-1",
+        remote_api_key="sk-1",
         max_model_len=32768,
         kv_cache_dtype="auto",
         gpu_memory_utilization=0.9,
@@ -196,6 +200,51 @@ def test_a_bad_auth_file_is_refused_with_the_line(tmp_path, capsys, text, error)
     with pytest.raises(SystemExit):
         app.parse_args(["--auth-file", str(logins)])
     assert error in capsys.readouterr().err
+
+
+def test_api_key_flags_serve_v1_with_a_key(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("\n  sk-from-file  \nsecond line\n")
+    assert app.parse_args(["--api-key-file", str(key_file)]).api_key_file == "sk-from-file"
+    access = app.api_access(app.parse_args(["--api-key", "sk-1", "--share", "--host", "0.0.0.0"]))
+    assert access.served and access.key == "sk-1" and not access.local_only
+    assert app.api_access(app.parse_args(["--api-key-file", str(key_file)])).key == "sk-from-file"
+    assert app.settings_from_args(app.parse_args(["--api-key", "sk-1"])).remote_api_key is None  # not the engine's
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--api-key", "a", "--api-key-file", __file__], "not allowed with argument"),
+        (["--api-key", "  "], "expected a key"),
+        (["--api-key-file", "/nonexistent/key"], "can't read"),
+    ],
+)
+def test_bad_api_key_flags_are_refused(argv, error, capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(argv)
+    assert error in capsys.readouterr().err
+
+
+def test_an_empty_api_key_file_is_refused(tmp_path, capsys):
+    (tmp_path / "key").write_text("\n\n")
+    with pytest.raises(SystemExit):
+        app.parse_args(["--api-key-file", str(tmp_path / "key")])
+    assert "holds no key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "served"),
+    [
+        ([], True),
+        (["--no-api"], False),
+        (["--share"], False),
+        (["--host", "0.0.0.0"], False),
+        (["--auth", "a:b"], False),
+    ],
+)
+def test_v1_is_served_without_a_key_on_this_machine_only(argv, served):
+    assert app.api_access(app.parse_args(argv)).served is served
 
 
 def test_a_missing_auth_file_is_refused(tmp_path, capsys):

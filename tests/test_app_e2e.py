@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
@@ -158,3 +159,16 @@ def test_an_unreadable_attachment_is_answered_in_the_chat(app, tmp_path):
     messages, *_ = client.predict({"text": "What happens?", "files": [handle_file(str(broken))]}, api_name="/chat")
     client.close()
     assert _title(messages[0]).startswith("⚠️ broken.mp4 could not be read as a video")
+
+
+def test_status_reports_the_ready_engine_its_timeline_and_the_last_reply(app: AppProcess):
+    client = app.client()
+    messages, ttft, tok_s, tokens = client.predict({"text": "Hi", "files": []}, max_tokens=5, api_name="/chat")
+    client.close()
+    status = httpx.get(f"{app.url}status").json()
+    assert (status["stage"], status["ready"], status["failed"]) == ("ready", True, False)
+    assert status["backend"] == "transformers" and status["model"].endswith("tiny")
+    assert status["gpu"] is None and status["stats"]["gpu_memory_used_gib"] is None  # the CPU
+    assert {"imports", "gradio imported", "page served"} <= set(status["startup"])
+    assert list(status["startup"].values()) == sorted(status["startup"].values())
+    assert status["last_reply"]["output_tokens"] == tokens == 5 and status["last_reply"]["ttft_s"] == ttft

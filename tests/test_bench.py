@@ -27,6 +27,7 @@ from bench.workload import (
     summarize_run,
 )
 from engine.settings import EngineSettings
+from tests.fakes import FakeArm
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"text_config": TEXT_CONFIG}
@@ -392,34 +393,6 @@ def test_start_up_timeline_from_vllm_timestamps():
 # ----------------------------------------------------------------------------- worker and driver, faked
 
 
-class FakeArm:
-    """An engine answering every request at ~2000 tok/s after 5 ms."""
-
-    def __init__(self):
-        self.notes = ["fake engine"]
-        self.info = {"max_model_len": 4096}
-        self.start_origin = None
-        self.seen: list[str] = []
-
-    async def start(self):
-        await asyncio.sleep(0.01)
-
-    async def prepare(self, n):
-        pass
-
-    async def request(self, prompt, max_tokens):
-        self.seen.append(prompt.text)
-        t0 = time.perf_counter()
-        await asyncio.sleep(0.005)
-        first = time.perf_counter()
-        await asyncio.sleep(max_tokens / 2000)
-        last = time.perf_counter()
-        return RequestResult(len(prompt.token_ids), max_tokens, t0, first, last, engine_ttft_s=first - t0)
-
-    async def stop(self):
-        pass
-
-
 SMALL = "--prompt-lens 128,256 --output-lens 16,32 --concurrency 1,2 --long-output-prompt-len 256 --ttft-samples 2"
 
 
@@ -446,7 +419,7 @@ FAKE_WORKER = f"""
 import asyncio, sys
 sys.path.insert(0, {str(ROOT)!r})
 from bench import worker
-from tests.test_bench import FakeArm
+from tests.fakes import FakeArm
 ns = worker.parse_args(sys.argv[1:])
 w = worker.Worker(ns)
 w.arm = FakeArm()
@@ -504,51 +477,17 @@ def test_dry_run_prints_the_plan_without_starting_anything(tiny_vision_model_dir
 # ------------------------------------------------------------------------------ the app arm, faked engine
 
 FAKE_APP = """
-import argparse, asyncio, sys, time
+import argparse, sys
 sys.path.insert(0, {root!r})
-from engine.base import Delta, EngineStats, EngineStatus, Metrics, Stage
+from chat.ui import build_ui, launch_options
 from engine.settings import EngineSettings
-
-class FakeEngine:
-    name, model = "fake", "fake-model"
-
-    def __init__(self, load_s):
-        self.t0, self.load_s = time.time(), load_s
-
-    def status(self):
-        ready = time.time() - self.t0 > self.load_s
-        return EngineStatus(Stage.READY if ready else Stage.LOADING, "fake")
-
-    async def start(self):
-        pass
-
-    async def generate(self, request):
-        n, t0 = request.sampling.max_tokens, time.perf_counter()
-        await asyncio.sleep(0.02)
-        first = time.perf_counter()
-        for i in range(1, n + 1):
-            now = time.perf_counter()
-            rate = (i - 1) / (now - first) if i > 1 else None
-            m = Metrics(ttft_s=first - t0, prompt_tokens=11, output_tokens=i, decode_tok_s=rate, elapsed_s=now - t0)
-            yield Delta(text=f" w{{i}}", metrics=m, finish_reason="length" if i == n else None)
-            await asyncio.sleep(0.004)
-
-    async def abort(self, request_id):
-        pass
-
-    def stats(self):
-        return EngineStats()
-
-    async def shutdown(self):
-        pass
+from tests.fakes import PacedEngine
 
 p = argparse.ArgumentParser()
 p.add_argument("--port", type=int)
 ns, _ = p.parse_known_args()
-from chat.ui import build_ui
-demo = build_ui(FakeEngine(load_s=1.0), EngineSettings(max_model_len=4096))
+demo = build_ui(PacedEngine(load_s=1.0), EngineSettings(max_model_len=4096))
 demo.queue(default_concurrency_limit=4)
-from chat.ui import launch_options
 demo.launch(server_name="127.0.0.1", server_port=ns.port, quiet=True, **launch_options())
 """
 

@@ -1,4 +1,4 @@
-"""The history's UI side, in-process against the Engine double of test_ui: what the chat shows becomes stored
+"""The history's UI side, in-process against the Engine double of tests.fakes: what the chat shows becomes stored
 messages and back, every streamed update is saved, stop/retry/edit mid-stream never corrupt a conversation,
 owners are kept apart, a chatty session is slowed down; plus the engine's restart button."""
 
@@ -13,14 +13,15 @@ import gradio as gr
 import pytest
 from gradio.utils import get_upload_folder
 
-from chat import ui
+from chat import chat_view, ui
 from chat.history import HistoryStore
 from chat.history_ui import HistoryPanel, keep_stats, owner_of, to_chat, to_stored
 from chat.limits import RateLimiter
+from chat.messages import note, text_parts
 from engine import lifecycle
-from engine.base import EngineError, EngineStatus, Stage
+from engine.base import Stage
 from engine.settings import EngineSettings
-from tests.test_ui import CHAT_DEFAULTS, FakeEngine, titles
+from tests.fakes import CHAT_DEFAULTS, FakeEngine, FlakyEngine, titles
 
 MAX_TOKENS = 2  # CHAT_DEFAULTS' index of max_tokens
 THINKING = 1
@@ -56,7 +57,9 @@ async def final_reply(engine: FakeEngine, text: str, history: list, max_tokens: 
     """The chat function's last update: the reply's messages and its stats row."""
     outs = [
         out
-        async for out in ui.make_chat_fn(engine)({"text": text, "files": []}, history, *settings(max_tokens, thinking))
+        async for out in chat_view.make_chat_fn(engine)(
+            {"text": text, "files": []}, history, *settings(max_tokens, thinking)
+        )
     ]
     messages, *_, replies = outs[-1]
     return messages, replies[-1]
@@ -68,7 +71,7 @@ async def test_a_shown_chat_comes_back_the_same_from_the_store(store):
     image.write_bytes(b"png")
     first, row = await final_reply(FakeEngine(), "Hi", [], 4, thinking=True)
     failed, failed_row = await final_reply(FakeEngine(fail_after=3), "More", [], 6)
-    note = {"role": "assistant", "content": ui._text("About the attachments"), "metadata": {"title": "ℹ️ Notes"}}
+    note = {"role": "assistant", "content": text_parts("About the attachments"), "metadata": {"title": "ℹ️ Notes"}}
     shown = [user("Hi", str(image)), *first, user("More"), note, *failed]
     assert titles(failed)[1].startswith("⚠️ The engine failed mid-reply")  # an error note, then the stats line
 
@@ -103,8 +106,8 @@ async def test_a_replys_notes_export_to_markdown_as_quotes(store):
 
 
 def test_a_stats_line_without_its_numbers_is_kept_as_a_note():
-    line = ui._note("TTFT 0.05 s · 50.0 tok/s · 2 tokens", "prompt 7 tokens")
-    shown = [user("Hi"), {"role": "assistant", "content": ui._text("w0 w1 ")}, line]
+    line = note("TTFT 0.05 s · 50.0 tok/s · 2 tokens", "prompt 7 tokens")
+    shown = [user("Hi"), {"role": "assistant", "content": text_parts("w0 w1 ")}, line]
     stored = to_stored(shown)
     assert stored[1]["stats"]["notes"][0]["metadata"]["title"] == line["metadata"]["title"]
     assert to_chat(stored) == (shown, [])
@@ -130,7 +133,7 @@ def test_an_imported_reply_with_odd_stats_still_shows():
         }
     ]
     shown, rows = to_chat(stored)
-    assert shown[1] == {"role": "assistant", "content": ui._text("Hello")} and rows == []
+    assert shown[1] == {"role": "assistant", "content": text_parts("Hello")} and rows == []
 
 
 def test_owners_come_from_the_login_else_the_browser():
@@ -148,8 +151,8 @@ async def run(chat, text: str, history: list, max_tokens: int, conversation: str
 
 
 async def test_every_streamed_update_is_saved_before_it_is_shown(store, monkeypatch):
-    monkeypatch.setattr(ui, "UI_REFRESH_S", 0.0)
-    chat = panel(store).chat_fn(ui.make_chat_fn(FakeEngine(token_s=0.001)))
+    monkeypatch.setattr(chat_view, "UI_REFRESH_S", 0.0)
+    chat = panel(store).chat_fn(chat_view.make_chat_fn(FakeEngine(token_s=0.001)))
     stream = chat({"text": "Hi", "files": []}, [], *settings(6), None, None, request("ann"))
     # First the new message alone (ChatInterface shows it as it is sent), then each streamed update.
     messages, *_, conversation = await anext(stream)
@@ -165,9 +168,9 @@ async def test_every_streamed_update_is_saved_before_it_is_shown(store, monkeypa
 
 
 async def test_a_stopped_reply_keeps_what_was_shown(store, monkeypatch):
-    monkeypatch.setattr(ui, "UI_REFRESH_S", 0.0)
+    monkeypatch.setattr(chat_view, "UI_REFRESH_S", 0.0)
     engine = FakeEngine(token_s=0.001)
-    chat = panel(store).chat_fn(ui.make_chat_fn(engine))
+    chat = panel(store).chat_fn(chat_view.make_chat_fn(engine))
     stream = chat({"text": "Go on", "files": []}, [], *settings(10_000), None, None, request("ann"))
     for _ in range(3):
         shown, *_, conversation = await anext(stream)
@@ -178,7 +181,7 @@ async def test_a_stopped_reply_keeps_what_was_shown(store, monkeypatch):
 
 
 async def test_the_next_message_continues_the_saved_conversation_with_its_stats(store):
-    chat = panel(store).chat_fn(ui.make_chat_fn(FakeEngine()))
+    chat = panel(store).chat_fn(chat_view.make_chat_fn(FakeEngine()))
     req = request("ann")
     first = await run(chat, "Hi", [], 2, None, req)
     shown, *_, conversation = first[-1]
@@ -193,8 +196,8 @@ async def test_the_next_message_continues_the_saved_conversation_with_its_stats(
 
 async def test_a_newer_reply_takes_the_conversation_over(store, monkeypatch):
     """Retry or edit while a reply streams: the older stream goes on to its end, but can't save any more."""
-    monkeypatch.setattr(ui, "UI_REFRESH_S", 0.0)
-    chat = panel(store).chat_fn(ui.make_chat_fn(FakeEngine(token_s=0.002)))
+    monkeypatch.setattr(chat_view, "UI_REFRESH_S", 0.0)
+    chat = panel(store).chat_fn(chat_view.make_chat_fn(FakeEngine(token_s=0.002)))
     req = request("ann")
     conversation = (await run(chat, "Hi", [], 1, None, req))[-1][-1]
     old = chat({"text": "slow", "files": []}, [user("Hi")], *settings(60), conversation, None, req)
@@ -208,7 +211,7 @@ async def test_a_newer_reply_takes_the_conversation_over(store, monkeypatch):
 
 async def test_owners_never_see_each_others_chats(store):
     p = panel(store)
-    chat = p.chat_fn(ui.make_chat_fn(FakeEngine()))
+    chat = p.chat_fn(chat_view.make_chat_fn(FakeEngine()))
     ann = (await run(chat, "ann's secret", [], 1, None, request("ann")))[-1][-1]
     bob = (await run(chat, "bob's", [], 1, None, request("bob", "s2")))[-1][-1]
     browser = [out async for out in chat({"text": "b", "files": []}, [], *settings(1), None, "browser:x", request())]
@@ -221,7 +224,7 @@ async def test_owners_never_see_each_others_chats(store):
 
 
 async def test_an_api_client_without_auth_chats_but_is_not_saved(store):
-    chat = panel(store).chat_fn(ui.make_chat_fn(FakeEngine()))
+    chat = panel(store).chat_fn(chat_view.make_chat_fn(FakeEngine()))
     outs = await run(chat, "Hi", [], 2, None, request())
     assert outs[-1][0][0]["content"][0]["text"] == "w0 w1 " and outs[-1][-1] == gr.skip()
     assert store.list("user:anyone") == []
@@ -229,7 +232,7 @@ async def test_an_api_client_without_auth_chats_but_is_not_saved(store):
 
 async def test_a_session_over_the_rate_limit_is_told_to_wait(store):
     engine = FakeEngine()
-    chat = panel(store, per_minute=2).chat_fn(ui.make_chat_fn(engine))
+    chat = panel(store, per_minute=2).chat_fn(chat_view.make_chat_fn(engine))
     for _ in range(2):
         await run(chat, "Hi", [], 1, None, request("ann"))
     refused = await run(chat, "Hi", [], 1, None, request("ann"))
@@ -241,31 +244,13 @@ async def test_a_session_over_the_rate_limit_is_told_to_wait(store):
 
 async def test_messages_sent_while_the_engine_loads_do_not_count_against_the_rate_limit(store):
     engine = FakeEngine(Stage.LOADING, "compiling")
-    chat = panel(store, per_minute=2).chat_fn(ui.make_chat_fn(engine), lambda: engine.status().ready)
+    chat = panel(store, per_minute=2).chat_fn(chat_view.make_chat_fn(engine), lambda: engine.status().ready)
     for _ in range(5):  # pressing retry while the model loads
         loading = await run(chat, "Hi", [], 1, None, request("ann"))
         assert titles(loading[-1][0])[0].startswith("⏳ The engine is still loading")
     await engine.start()
     answered = await run(chat, "Hi", [], 1, None, request("ann"))
     assert titles(answered[-1][0])[-1].startswith("TTFT") and len(engine.requests) == 1
-
-
-class FlakyEngine(FakeEngine):
-    """Fails its first start, as a dead engine would; starts fine after that."""
-
-    def __init__(self):
-        super().__init__(Stage.FAILED, "CUDA error: an illegal memory access")
-        self.starts = self.shutdowns = 0
-
-    async def start(self) -> None:
-        self.starts += 1
-        await asyncio.sleep(0.05)
-        if self.starts == 1:
-            raise EngineError("still broken")
-        self._status = EngineStatus(Stage.READY)
-
-    async def shutdown(self) -> None:
-        self.shutdowns += 1
 
 
 def test_restart_shuts_the_engine_down_and_starts_it_again_once_at_a_time():
@@ -306,7 +291,7 @@ def test_waiting_on_a_slow_save_does_not_stall_other_sessions(store, monkeypatch
         slow(*args)
 
     monkeypatch.setattr(store, "save_messages", save)
-    chat = panel(store).chat_fn(ui.make_chat_fn(FakeEngine()))
+    chat = panel(store).chat_fn(chat_view.make_chat_fn(FakeEngine()))
 
     async def both() -> float:
         ticks = 0

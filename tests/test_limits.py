@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from chat import ui
+from chat.chat_view import make_chat_fn
 from chat.limits import RateLimiter, fit_to_context
 from engine.base import EngineStatus, GenerationRequest, SamplingOptions, Stage
 from engine.settings import EngineSettings
 from engine.transformers_backend import TransformersEngine
 from engine.vllm_backend import VllmEngine
-from tests.test_ui import CHAT_DEFAULTS, FakeEngine, titles
+from tests.fakes import CHAT_DEFAULTS, ContextEngine, FakeEngine, titles
 
 HI = [{"role": "user", "content": "Hello there, how are you today?"}]
 
@@ -31,18 +31,9 @@ def test_the_rate_limiter_forgets_events_older_than_a_minute():
     assert RateLimiter(0).wait_s("a") == 0  # 0: no limit
 
 
-class ContextEngine(FakeEngine):
-    """Knows its context, and counts a prompt's tokens as its words."""
-
-    max_model_len = 10
-
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return sum(len(str(m["content"]).split()) for m in request.messages)
-
-
 async def test_a_prompt_longer_than_the_context_gets_a_note_and_no_engine_call():
     engine = ContextEngine()
-    outs = [out async for out in ui.make_chat_fn(engine)({"text": "a " * 12, "files": []}, [], *CHAT_DEFAULTS)]
+    outs = [out async for out in make_chat_fn(engine)({"text": "a " * 12, "files": []}, [], *CHAT_DEFAULTS)]
     assert titles(outs[-1][0]) == ["⚠️ This conversation is 12 tokens long; the model's context holds 10."]
     assert engine.requests == []
 

@@ -41,6 +41,7 @@ class StandIn:
         self.usage = True  # answer stream_options.include_usage with a usage chunk
         self.script_completion_tokens = 0  # what the usage chunk claims for a scripted reply
         self.reject: tuple[int, str] | None = None  # answer chat requests with this HTTP status and message
+        self.key: str | None = None  # the Bearer key GET /models requires, as a server started with --api-key
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -66,6 +67,8 @@ class StandIn:
         await web.SockSite(self._runner, self._sock).start()
 
     async def models(self, request: web.Request) -> web.Response:
+        if self.key is not None and request.headers.get("Authorization") != f"Bearer {self.key}":
+            return web.json_response({"error": {"message": "Unauthorized", "type": "Unauthorized"}}, status=401)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "test"} for name in self.served]
         return web.json_response({"object": "list", "data": data})
 
@@ -262,6 +265,19 @@ async def test_the_first_served_model_stands_in_for_one_the_server_lacks(server)
     engine = await started(server.base_url, model="google/gemma-4-26B-A4B-it")
     assert engine.served_model == "tiny"
     assert "does not serve 'google/gemma-4-26B-A4B-it'" in engine.status().detail
+
+
+async def test_the_remote_api_key_goes_to_the_server_and_a_refusal_names_its_flag(server):
+    server.key = "sk-remote"
+
+    def engine(key: str) -> OpenAIEngine:
+        return OpenAIEngine(
+            EngineSettings(model="tiny", backend="openai", base_url=server.base_url, remote_api_key=key)
+        )
+
+    await engine("sk-remote").start()
+    with pytest.raises(EngineError, match=r"answered 401 to GET /models: .*Check --remote-api-key\."):
+        await engine("sk-wrong").start()
 
 
 async def test_an_unreachable_server_fails_start_with_a_clear_message():

@@ -1,4 +1,5 @@
-"""--share without a login warns loudly; a share tunnel that can't be reached leaves the app serving locally.
+"""--share without a login warns loudly, and without --api-key turns /v1 off; a share tunnel that can't be reached
+leaves the app serving locally.
 And --desktop: a native window where pywebview is installed, else the browser."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from chat import desktop
@@ -19,7 +21,7 @@ def shared(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     tmp = tmp_path_factory.mktemp("sharing")
     process = AppProcess(endless_copy(tiny_model_dir, tmp / "tiny"), tmp, "--share", env=unreachable_share_server(tmp))
     try:
-        yield process.wait_ready()
+        yield process.wait_ready("could not open a share link")  # the share attempt has given up
     finally:
         process.stop()
 
@@ -39,6 +41,14 @@ def test_an_unreachable_share_server_leaves_the_app_serving_locally(shared: AppP
     messages, ttft, tok_s, tokens = client.predict({"text": "Hi", "files": []}, max_tokens=3, api_name="/chat")
     client.close()
     assert tokens == 3 and shared.proc.poll() is None
+
+
+def test_sharing_without_an_api_key_turns_v1_off_and_says_so(shared: AppProcess):
+    assert "/v1 is off: --share makes this app public" in shared.log_text()
+    response = httpx.get(f"{shared.url}v1/models")
+    error = response.json()["error"]
+    assert response.status_code == 403 and error["type"] == "api_off"
+    assert "start the app with --api-key KEY (or --api-key-file FILE)" in error["message"]
 
 
 def test_desktop_opens_a_native_window_where_pywebview_is_installed(monkeypatch):

@@ -2,117 +2,34 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
-import socket
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from chat import ui
+from chat import chat_view, sidebar, ui
 from chat.conversation import MediaLimits, Reply
-from engine.base import (
-    Delta,
-    EngineError,
-    EngineStats,
-    EngineStatus,
-    GenerationRequest,
-    Metrics,
-    Stage,
-)
+from chat.messages import reply_messages
+from chat.status import EngineView
+from engine.base import Delta, EngineStats, Metrics, Stage
 from engine.settings import EngineSettings
+from tests.app_process import free_port
+from tests.fakes import CHAT_DEFAULTS, ENGINE_TTFT_S, FakeEngine, texts, titles
 from tests.test_media import headerless, write_video
-
-CHAT_DEFAULTS = ("", False, 2048, 1.0, 0.95, 64, 1.0, 0.0, -1, "medium", [])  # the additional inputs, replies last
-
-
-ENGINE_TTFT_S = 0.05
-
-
-class FakeEngine:
-    """Streams `w0 w1 ...` with optional thoughts, one token every `token_s`; records what it was asked."""
-
-    name = "fake"
-    model = "fake/gemma"
-
-    def __init__(
-        self,
-        stage: Stage = Stage.READY,
-        detail: str = "",
-        progress: float | None = None,
-        token_s: float = 0.0,
-        fail_after: int | None = None,
-    ):
-        self._status = EngineStatus(stage, detail, progress)
-        self.token_s = token_s
-        self.fail_after = fail_after
-        self.requests: list[GenerationRequest] = []
-        self.closed_early: list[str] = []
-
-    def status(self) -> EngineStatus:
-        return self._status
-
-    async def start(self) -> None:
-        self._status = EngineStatus(Stage.READY)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        self.requests.append(request)
-        n = request.sampling.max_tokens
-        thoughts = 2 if request.enable_thinking else 0
-        finished = False
-        try:
-            await asyncio.sleep(ENGINE_TTFT_S)
-            for i in range(n):
-                await asyncio.sleep(self.token_s)
-                if i == self.fail_after:
-                    raise EngineError("GPU fell off the bus")
-                last = i == n - 1
-                metrics = Metrics(
-                    ttft_s=ENGINE_TTFT_S,
-                    prompt_tokens=7,
-                    output_tokens=i + 1,
-                    decode_tok_s=None if i == 0 else 50.0,
-                    elapsed_s=0.05 + i * 0.02,
-                )
-                if i < thoughts:
-                    yield Delta(reasoning=f"t{i} ", finish_reason="length" if last else None, metrics=metrics)
-                else:
-                    yield Delta(text=f"w{i} ", finish_reason="length" if last else None, metrics=metrics)
-            finished = True
-        finally:
-            if not finished:
-                self.closed_early.append(request.request_id)
-
-    async def abort(self, request_id: str) -> None:
-        self.closed_early.append(request_id)
-
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            kv_cache_usage=0.25, running=1, waiting=0, gpu_memory_used_gib=70.0, gpu_memory_total_gib=80.0
-        )
-
-    async def shutdown(self) -> None:
-        pass
 
 
 async def run_chat(
     engine: FakeEngine, text: str = "Hi", history: list | None = None, *inputs, files: list[str] = (), limits=None
 ) -> list[tuple]:
-    chat = ui.make_chat_fn(engine, limits)
+    chat = chat_view.make_chat_fn(engine, limits)
     args = list(CHAT_DEFAULTS)
     args[: len(inputs)] = inputs
     return [out async for out in chat({"text": text, "files": list(files)}, history or [], *args)]
-
-
-def titles(messages: list[dict]) -> list[str | None]:
-    return [(m.get("metadata") or {}).get("title") for m in messages]
-
-
-def texts(messages: list[dict]) -> list[str]:
-    return [m["content"][0]["text"] for m in messages]
 
 
 async def test_a_reply_streams_with_live_metrics_and_ends_with_its_stats():
@@ -140,10 +57,10 @@ async def test_a_reply_streams_with_live_metrics_and_ends_with_its_stats():
 
 
 async def test_updates_are_throttled_but_keep_coming_while_streaming(monkeypatch):
-    monkeypatch.setattr(ui, "UI_REFRESH_S", 0.02)
+    monkeypatch.setattr(chat_view, "UI_REFRESH_S", 0.02)
     outs = await run_chat(FakeEngine(token_s=0.005), "Hi", None, "", False, 40)
     assert 3 <= len(outs) < 40
-    assert all(o[-1] == ui.gr.skip() for o in outs[:-1])  # the plots change once, at the end
+    assert all(o[-1] == gr.skip() for o in outs[:-1])  # the plots change once, at the end
 
 
 async def test_sampling_controls_reach_the_request():
@@ -173,9 +90,9 @@ async def test_thoughts_are_shown_collapsed_above_the_answer():
 def test_thinking_is_pending_until_the_answer_starts():
     reply = Reply()
     reply.add(Delta(reasoning="hmm", metrics=Metrics(output_tokens=1)))
-    assert ui.reply_messages(reply, done=False)[0]["metadata"]["status"] == "pending"
+    assert reply_messages(reply, done=False)[0]["metadata"]["status"] == "pending"
     reply.add(Delta(text="A", metrics=Metrics(output_tokens=2, elapsed_s=1.23)))
-    thinking = ui.reply_messages(reply, done=False)[0]["metadata"]
+    thinking = reply_messages(reply, done=False)[0]["metadata"]
     assert thinking == {"title": "Thinking", "status": "done", "duration": 1.2}
 
 
@@ -330,7 +247,7 @@ async def test_an_empty_message_is_not_sent():
 
 async def test_closing_the_chat_generator_closes_the_engine_stream():
     engine = FakeEngine(token_s=0.001)
-    chat = ui.make_chat_fn(engine)
+    chat = chat_view.make_chat_fn(engine)
     gen = chat({"text": "Hi", "files": []}, [], "", False, 10_000, *CHAT_DEFAULTS[3:])
     await anext(gen)
     await gen.aclose()
@@ -340,7 +257,7 @@ async def test_closing_the_chat_generator_closes_the_engine_stream():
 async def test_cancelling_the_task_closes_the_engine_stream():
     # What Gradio's stop does while the generator is awaiting the engine: cancel the task.
     engine = FakeEngine(token_s=0.001)
-    chat = ui.make_chat_fn(engine)
+    chat = chat_view.make_chat_fn(engine)
 
     async def consume():
         async for _ in chat({"text": "Hi", "files": []}, [], "", False, 10_000, *CHAT_DEFAULTS[3:]):
@@ -356,26 +273,29 @@ async def test_cancelling_the_task_closes_the_engine_stream():
     assert engine.closed_early == [engine.requests[0].request_id]
 
 
+def status_html(*status) -> str:
+    return sidebar.status_html(EngineView(FakeEngine(*status)).snapshot())
+
+
 def test_status_html_shows_stage_progress_and_failure_reason():
-    engine = FakeEngine()
-    loading = ui.status_html(engine, EngineStatus(Stage.DOWNLOADING, "model-00001.safetensors", 0.5))
+    loading = status_html(Stage.DOWNLOADING, "model-00001.safetensors", 0.5)
     assert "downloading 50%" in loading and '<progress value="0.500"' in loading
-    assert "<progress></progress>" in ui.status_html(engine, EngineStatus(Stage.COMPILING, "graphs"))
-    failed = ui.status_html(engine, EngineStatus(Stage.FAILED, "CUDA <OOM>"))
+    assert "<progress></progress>" in status_html(Stage.COMPILING, "graphs")
+    failed = status_html(Stage.FAILED, "CUDA <OOM>")
     assert "failed" in failed and "CUDA &lt;OOM&gt;" in failed and "<progress" not in failed
 
 
 def test_stats_markdown_handles_backends_that_report_nothing():
-    full = ui.stats_markdown(EngineStats(0.25, 1, 2, 70.04, 79.6))
+    full = sidebar.stats_markdown(EngineStats(0.25, 1, 2, 70.04, 79.6))
     assert "25.0%" in full and "1 / 2" in full and "70.0 / 79.6 GiB" in full
-    assert ui.stats_markdown(EngineStats(running=0, waiting=0)).count("–") == 2
-    assert "no load or memory stats" in ui.stats_markdown(EngineStats())
+    assert sidebar.stats_markdown(EngineStats(running=0, waiting=0)).count("–") == 2
+    assert "no load or memory stats" in sidebar.stats_markdown(EngineStats())
 
 
 def test_replies_frame_numbers_the_replies():
-    frame = ui.replies_frame([{"ttft_s": 0.1, "decode_tok_s": 40.0}, {"ttft_s": 0.2, "decode_tok_s": None}])
+    frame = sidebar.replies_frame([{"ttft_s": 0.1, "decode_tok_s": 40.0}, {"ttft_s": 0.2, "decode_tok_s": None}])
     assert list(frame["reply"]) == [1, 2] and list(frame.columns) == ["reply", "TTFT (s)", "tok/s"]
-    assert ui.replies_frame([]).empty
+    assert sidebar.replies_frame([]).empty
 
 
 def test_the_chat_api_takes_the_message_then_the_settings():
@@ -399,17 +319,11 @@ def test_the_chat_api_takes_the_message_then_the_settings():
     assert [r["label"] for r in endpoint["returns"]] == ["Response", "TTFT (s)", "tok/s", "tokens"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_stop_through_the_api_aborts_the_engine_request():
     engine = FakeEngine(token_s=0.005)
     demo = ui.build_ui(engine, EngineSettings())
     demo.queue(default_concurrency_limit=2)
-    demo.launch(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False)
         job = client.submit({"text": "Hi", "files": []}, max_tokens=10_000, api_name="/chat")
@@ -432,7 +346,7 @@ def test_an_uploaded_video_and_its_frames_travel_through_the_api(tmp_path):
     engine = FakeEngine()
     demo = ui.build_ui(engine, EngineSettings(max_video_frames=2))
     demo.queue()
-    demo.launch(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False, download_files=str(tmp_path / "downloads"))
         clip = write_video(tmp_path / "clip.mp4", 30, 10.0)
@@ -447,3 +361,32 @@ def test_an_uploaded_video_and_its_frames_travel_through_the_api(tmp_path):
     frames = messages[0]
     assert frames["metadata"]["title"] == "🎞️ clip.mp4: the 2 frames the model sees (00:00–00:02)"
     assert Image.open(frames["content"][1]).size == video.contact_sheet().size  # the client downloaded it
+
+
+def _chat_imports() -> dict[str, set[str]]:
+    """Each chat module's imports of other chat modules, anywhere in it: {module: {(module, name), ...}}."""
+    folder = Path(ui.__file__).parent
+    imports: dict[str, set[str]] = {}
+    for path in sorted(folder.glob("*.py")):
+        found = imports.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {(a.name.split(".")[1], "") for a in node.names if a.name.startswith("chat.")}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "chat":
+                for alias in node.names:
+                    found.add((node.module.split(".")[1], alias.name) if "." in node.module else (alias.name, ""))
+    return imports
+
+
+def test_the_ui_modules_import_each_other_without_a_circle_or_private_names():
+    imports = _chat_imports()
+    assert {"ui", "chat_view", "sidebar", "history_ui", "messages", "status", "arrival"} <= set(imports)
+    private = [(m, i) for m, found in imports.items() for i in found if i[1].startswith("_")]
+    assert private == []
+    graph = {m: {i[0] for i in found} for m, found in imports.items()}
+
+    def reaches(start: str, target: str, seen: frozenset = frozenset()) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph.get(start, ()))
+
+    assert [m for m in graph if reaches(m, m)] == []
+    assert not reaches("history_ui", "ui") and not reaches("sidebar", "chat_view")
