@@ -32,7 +32,6 @@ TORCH_DTYPES = {
     "I32": torch.int32,
     "I64": torch.int64,
 }
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 # Shards that vLLM fuses into one kernel and so must share one global scale: attention q/k/v
 # (qkv_proj) and gate/up (the dense MLP's gate_up_proj, each expert's w13).

@@ -2,8 +2,9 @@
 
 At one to a few tokens a step, vLLM 0.26's Marlin kernels read NVFP4 weights at a fraction of the GPU's
 bandwidth (bench/NOTES.md: ~16 % dense, ~22 % MoE on an H200). nvfp4.kernels reads the very tensors Marlin
-holds, in Marlin's layout, so no weight is copied or repacked: `install` routes a batch of at most
-`MAX_TOKENS` tokens to them and every larger one (prompts) to Marlin as before.
+holds, in Marlin's layout, so no weight is copied or repacked: `install` routes a batch of at most `limit`
+tokens to them and every larger one (prompts) to Marlin as before. `limit` is this GPU's measured threshold
+(`measured_limit`), at most the `MAX_TOKENS` the kernels are written for.
 
 - Dense layers: `MarlinNvFp4LinearKernel.apply_weights` calls the torch custom op `gemma4_nvfp4::linear`,
   whose fake implementation lets torch.compile trace it and whose real one picks the kernel by the batch's
@@ -27,7 +28,19 @@ MAX_TOKENS = 8  # the kernels are written for decode batches; prompts go to Marl
 MODES = ("auto", "on", "off")
 # GPUs where a GPU test measured the kernels faster than Marlin for this model: `auto` turns them on there only.
 PROVEN = {(9, 0)}  # H100, H200
-NOTE = f"NVFP4 small-batch kernels for batches of up to {MAX_TOKENS} tokens (Marlin above)"
+NOTE = "NVFP4 small-batch kernels for batches of up to {limit} tokens (Marlin above)"
+limit = MAX_TOKENS  # batches of at most this many tokens take our kernels; set by `install`
+
+
+def measured_limit(gpu: str | None) -> int:
+    """The tuned file's `max_tokens` for this GPU (nvfp4/kernels/tuned): the largest batch at which the served
+    engine measured our kernels faster than Marlin end to end, which can be below where they win in isolation
+    (on an H200 M = 4 wins by 1.10x alone and loses 5 % in the engine: bench/NOTES.md); MAX_TOKENS without one."""
+    from nvfp4.kernels import tuning
+
+    value = tuning.load(gpu).get("max_tokens")  # by the name NVML gave: CUDA must stay uninitialized before fork
+    return min(value, MAX_TOKENS) if isinstance(value, int) and value >= 1 else MAX_TOKENS
+
 
 calls: Counter[str] = Counter()
 
@@ -40,15 +53,18 @@ def wanted(mode: str, capability: tuple[int, int] | None, kernels: dict[str, str
     return marlin and (mode == "on" or (mode == "auto" and capability in PROVEN))
 
 
-def install(kernels: dict[str, str | None]) -> str | None:
-    """Route small batches of the Marlin layers named in `kernels` ("linear_backend", "moe_backend" -> "marlin")
-    to our kernels; a line saying so, or None where this vLLM has no such layers."""
+def install(kernels: dict[str, str | None], max_tokens: int | None = None, gpu: str | None = None) -> str | None:
+    """Route batches of up to `max_tokens` (default: `measured_limit` of the GPU named `gpu`) of the Marlin layers
+    named in `kernels` ("linear_backend", "moe_backend" -> "marlin") to our kernels; a line saying so, or None
+    where this vLLM has no such layers."""
+    global limit
+    limit = min(max_tokens or measured_limit(gpu), MAX_TOKENS)
     done = []
     if kernels.get("linear_backend") == "marlin" and _install_linear():
         done.append("dense")
     if kernels.get("moe_backend") == "marlin" and _install_moe():
         done.append("MoE")
-    return f"{NOTE}: {' and '.join(done)} layers" if done else None
+    return f"{NOTE.format(limit=limit)}: {' and '.join(done)} layers" if done else None
 
 
 # ---------------------------------------------------------------------------------------------- dense
@@ -65,7 +81,7 @@ def linear(
     size_k: int,
 ) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] <= MAX_TOKENS:
+    if flat.shape[0] <= limit:
         from nvfp4.kernels.gemv import marlin_nvfp4_gemv
 
         calls["linear:small"] += 1
@@ -134,7 +150,7 @@ def _install_moe() -> bool:
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         ours = (
-            x.shape[0] <= MAX_TOKENS
+            x.shape[0] <= limit
             and self.nvfp4_backend == NvFp4MoeBackend.MARLIN
             and layer.activation == MoEActivation.GELU_TANH  # Gemma 4's GeGLU: what the kernels compute
             and layer.expert_map is None  # every expert on this GPU

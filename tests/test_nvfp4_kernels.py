@@ -132,13 +132,25 @@ def test_moe_to_marlin_pads_each_shard_and_shares_one_scale_factor():
 
 # Kernel scenarios, run under the interpreter (see the module docstring). Each returns what its test asserts.
 
+# The GPU-only knobs (prefetch, pdl, num_stages) change no value: under the interpreter they only have to build.
 GEMV_CONFIGS = {
-    "one program per block": dict(super_tiles=1, warps_k=1, rows=4, split_k=1),
-    "split-k, 2 super-tiles": dict(super_tiles=2, warps_k=2, rows=8, split_k=3),  # 32 k-tiles: last split partial
+    "one program per block": dict(super_tiles=1, warps_k=1, rows=4, split_k=1, prefetch=0),
+    "split-k, 2 super-tiles": dict(super_tiles=2, warps_k=2, rows=8, split_k=3, pdl=True),  # 32 k-tiles: 2 splits
+}
+# (m, config, n, k): the masked paths. 24 k-tiles in steps of 16: the last step half empty; 3 super-tiles in
+# blocks of 2: the last block half empty; K padded (208 of 256): x masked; 6 splits of 24 k-tiles in steps of 4.
+GEMV_MASKED = {
+    "gemv k-tiles not a whole number of steps": (2, dict(warps_k=2, rows=8, split_k=2), 256, 384),
+    "gemv super-tiles not a whole number of blocks": (3, dict(super_tiles=2, warps_k=1, split_k=2), 192, 256),
+    "gemv padded 100 x 208": (3, GEMV_CONFIGS["split-k, 2 super-tiles"], 100, 208),
+    "gemv 6 splits of 4 k-tiles": (8, dict(warps_k=1, split_k=6, pdl=True, prefetch=3), 128, 384),
 }
 MOE_CONFIGS = {
     "plain": dict(gate_up_split_k=1),
     "split gate_up, 2 down super-tiles": dict(gate_up_split_k=2, gate_up_warps_k=2, down_super_tiles=2, down_rows=8),
+    # gate_up: 16 k-tiles in steps of 32 (masked); split 3 of steps of 4 -> 8 k-tiles, 2 splits; PDL, prefetch
+    "masked gate_up, pdl": dict(gate_up_rows=8, pdl=True, down_warps_k=1, down_prefetch=5),
+    "gate_up split 3": dict(gate_up_split_k=3, gate_up_warps_k=1, gate_up_prefetch=0, down_warps_k=2),
 }
 NAN = float("nan")
 
@@ -159,7 +171,7 @@ def outcome(out: torch.Tensor, ref: torch.Tensor, workspace) -> dict:
     }
 
 
-def gemv_scenario(m: int, config: str, n: int = 256, k: int = 512) -> dict:
+def gemv_scenario(m: int, config: str | dict, n: int = 256, k: int = 512) -> dict:
     from nvfp4.kernels import gemv
 
     gen = torch.Generator().manual_seed(10 + m)
@@ -167,7 +179,8 @@ def gemv_scenario(m: int, config: str, n: int = 256, k: int = 512) -> dict:
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     out = torch.full((m, n), NAN, dtype=torch.bfloat16)
     workspace = poisoned_workspace()
-    args = (x, linear.qweight, linear.scales, linear.global_scale, n, k, gemv.GemvConfig(**GEMV_CONFIGS[config]))
+    knobs = GEMV_CONFIGS[config] if isinstance(config, str) else config
+    args = (x, linear.qweight, linear.scales, linear.global_scale, n, k, gemv.GemvConfig(**knobs))
     gemv.marlin_nvfp4_gemv(*args, workspace, out)
     ref = x.float() @ ml.dequantize(linear.qweight, linear.scales, linear.global_scale)[:n, :k].T
     result = outcome(out, ref, workspace)
@@ -202,7 +215,7 @@ def moe_scenario(m: int, config: str, experts: int = 4, hidden: int = 256, inter
 
 SCENARIOS = {
     **{f"gemv m={m}, {c}": (gemv_scenario, (m, c)) for m in (1, 2, 3, 8) for c in GEMV_CONFIGS},
-    "gemv padded 100 x 208": (gemv_scenario, (3, "split-k, 2 super-tiles", 100, 208)),
+    **{name: (gemv_scenario, args) for name, args in GEMV_MASKED.items()},
     **{f"moe m={m}, {c}": (moe_scenario, (m, c)) for m in (1, 3, 8) for c in MOE_CONFIGS},
     # 3 experts of 96 intermediate (padded to 128 per gate / up shard), int64 ids
     "moe padded, int64 ids": (moe_scenario, (2, "plain", 3, 128, 96, 2, torch.int64)),
@@ -245,9 +258,10 @@ def test_gemv_matches_reference_for_m_1_to_8(interpreted, m: int, config: str):
     assert result["counters at zero"]  # left armed for the next call
 
 
-def test_gemv_masks_padded_columns_and_inputs(interpreted):
-    result = scenario(interpreted, "gemv padded 100 x 208")
-    assert result["finite"] and result["error"] < TOLERANCE
+@pytest.mark.parametrize("name", list(GEMV_MASKED))
+def test_gemv_masks_partial_steps_blocks_and_padded_inputs(interpreted, name: str):
+    result = scenario(interpreted, name)
+    assert result["finite"] and result["error"] < TOLERANCE and result["counters at zero"]
 
 
 def test_gemv_split_k_sums_in_a_fixed_order(interpreted):
@@ -265,3 +279,150 @@ def test_moe_matches_reference_for_m_1_to_8(interpreted, m: int, config: str):
 def test_moe_takes_int64_ids_and_a_padded_intermediate(interpreted):
     result = scenario(interpreted, "moe padded, int64 ids")
     assert result["finite"] and result["error"] < TOLERANCE
+
+
+# Configs: how K is split, and the tuned files.
+
+
+@pytest.mark.parametrize("k_tiles", [1, 16, 44, 132, 176, 512])
+@pytest.mark.parametrize("step", [4, 16, 32, 64])
+@pytest.mark.parametrize("split_k", [1, 2, 3, 5, 6, 12, 64])
+def test_split_plan_gives_whole_steps_and_no_empty_split(k_tiles: int, step: int, split_k: int):
+    from nvfp4.kernels.gemv import split_plan
+
+    per, splits = split_plan(k_tiles, step, split_k)
+    assert per % step == 0 and 1 <= splits <= split_k
+    assert (splits - 1) * per < k_tiles <= splits * per  # every k-tile in exactly one split, the last not empty
+
+
+def test_tuned_lookup_takes_the_exact_entry_else_the_nearest_block_m(tmp_path, monkeypatch):
+    from nvfp4.kernels import gemv, moe, tuning
+
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({
+        "gemv": {
+            "8192,2816,1": {"split_k": 3, "num_stages": 5, "a knob from elsewhere": 1},
+            "8192,2816,8": {"split_k": 1, "pdl": True},
+            "2816,2112,1": {"rows": "many"},  # does not build: skipped
+            "4224,2816,2": {"rows": 6},  # builds, but no kernel takes it: refused by gemv_config's caller
+        },
+        "moe": {"2816,704,8,1": {"gate_up_split_k": 5}},
+    }))  # fmt: skip
+    monkeypatch.setenv("NVFP4_TUNED", str(path))
+    tuning.reload()
+    try:
+        assert gemv.gemv_config(8192, 2816, 1) == gemv.GemvConfig(split_k=3, num_stages=5)
+        assert gemv.gemv_config(8192, 2816, 8).pdl and gemv.gemv_config(8192, 2816, 4).pdl  # 4 is nearer 8
+        assert gemv.gemv_config(8192, 2816, 2).split_k == 3  # 2 is nearer 1
+        assert gemv.gemv_config(2816, 2112, 1) == gemv.heuristic_config(2816, 2112, 1)
+        assert moe.moe_config(1, 8, 11).gate_up_split_k == 5
+        assert moe.moe_config(1, 8, 12) == moe.heuristic_config(1, 8, 12)  # another shape
+        with pytest.raises(ValueError, match="invalid config"):
+            gemv.check_config(gemv.gemv_config(4224, 2816, 2))
+        monkeypatch.setenv("NVFP4_TUNED", "off")
+        tuning.reload()
+        assert gemv.gemv_config(8192, 2816, 1) == gemv.heuristic_config(8192, 2816, 1)
+    finally:
+        monkeypatch.delenv("NVFP4_TUNED")
+        tuning.reload()
+
+
+def test_every_tuned_file_and_heuristic_gives_valid_configs():
+    from nvfp4.kernels import gemv, moe, tuning
+
+    files = sorted(tuning.TUNED_DIR.glob("*.json"))
+    assert tuning.path_for("NVIDIA H200") in files
+    for path in files:
+        data = json.loads(path.read_text())
+        for key, entry in data["gemv"].items():
+            config = tuning.from_dict(gemv.GemvConfig, entry)
+            assert config is not None and len(key.split(",")) == 3, (path.name, key)
+            gemv.check_config(config)
+        for key, entry in data["moe"].items():
+            config = tuning.from_dict(moe.MoeConfig, entry)
+            assert config is not None and len(key.split(",")) == 4, (path.name, key)
+            moe.check_config(config)
+    for n, k in [(8192, 2816), (10240, 2816), (2816, 4096), (2816, 8192), (4224, 2816), (2816, 2112), (128, 256)]:
+        for bm in (1, 2, 4, 8):
+            gemv.check_config(gemv.heuristic_config(*ml.padded_nk(n, k), bm))
+    for m in range(1, 9):
+        moe.check_config(moe.heuristic_config(m, 8, 11))
+
+
+# bench.kernels without a GPU: what it would sweep, and what it writes.
+
+
+def fake_dense_problems():
+    from bench import kernels as bk
+
+    problems = {}
+    for shape, (n, k) in bk.DENSE.items():
+        n_pad, k_pad = ml.padded_nk(n, k)
+        q = torch.empty(k_pad // 16, 2 * n_pad, dtype=torch.int32, device="meta")
+        problems[shape] = bk.Dense(shape, n, k, None, None, [(q, None)], n_pad * k_pad * 9 // 16, True)
+    return problems
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_bench_sweeps_valid_configs_and_compiles_a_bounded_number_of_kernels(quick: bool):
+    from bench import kernels as bk
+    from nvfp4.kernels import gemv, moe
+
+    tokens = (1, 4) if quick else bk.TOKENS
+    plan = bk.make_plan(fake_dense_problems(), tokens, 132, quick)
+    for start, candidates in plan.dense.values():
+        assert 1 <= len(candidates) <= 45 and len(set(candidates)) == len(candidates)
+        for config in [start, *candidates]:
+            gemv.check_config(config)
+    for m, (start, candidates) in plan.moe.items():
+        for config in [start, *candidates, *bk.moe_down_candidates(m, start, quick)]:
+            moe.check_config(config)
+    jobs = plan.jobs(quick)
+    assert len(jobs) <= (25 if quick else 100)  # distinct compiles: what the worker processes build up front
+
+
+def test_bench_writes_tuned_entries_merged_into_the_file_and_a_table(tmp_path):
+    from bench import kernels as bk
+    from nvfp4.kernels import gemv, moe, tuning
+
+    rows = []
+    for m in (1, 4):
+        for shape in [*bk.DENSE, "moe"]:
+            config = asdict_config(moe.MoeConfig() if shape == "moe" else gemv.GemvConfig(split_k=m))
+            rows.append({
+                "shape": shape, "m": m, "bytes": 1e7, "ours_us": 5.0, "start_us": 6.0, "marlin_us": 10.0,
+                "ours_error": 1.7e-3, "marlin_error": 1.7e-3, "ours_config": config, "layout_equal_vllm": True,
+            })  # fmt: skip
+    steps = {m: bk.step_estimate(rows, m) for m in (1, 4)}
+    assert steps[1]["ours_us"] == 30 * 5 * 5.0 and steps[1]["speedup"] == 2.0
+    assert bk.step_estimate(rows, 2) == {}  # a shape missing: no estimate
+    assert bk.step_estimate(rows, 1, "start_us")["ours_us"] == 30 * 5 * 6.0
+
+    path = tmp_path / "tuned" / "gpu.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"gemv": {"1,2,1": {"split_k": 7}, "8192,2816,1": {"split_k": 9}}, "moe": {}}))
+    data = bk.write_configs(path, bk.tuned_entries(rows, pdl=True), {"gpu": "test"})
+    assert data["gemv"]["1,2,1"] == {"split_k": 7}  # kept: not measured now
+    assert data["gemv"]["8192,2816,1"]["split_k"] == 1 and data["gemv"]["8192,2816,4"]["split_k"] == 4
+    assert data["gemv"]["2816,2112,4"]["pdl"] and data["moe"]["2816,704,8,4"]["pdl"]
+    assert json.loads(path.read_text()) == data
+    for key, entry in data["gemv"].items():
+        if key != "1,2,1":
+            gemv.check_config(tuning.from_dict(gemv.GemvConfig, entry))
+
+    results = {
+        "gpu": "GPU", "peak_tb_s": 4.8, "vllm": "0", "triton": "0", "layouts_equal_vllm": True, "poison_ok": True,
+        "rows": rows, "step_estimate": list(steps.values()), "step_estimate_start": [],
+        "chain": [{"m": 1, "baseline_us": 600.0, "ours_us": 1800.0, "ours_pdl_us": 1700.0, "ours_net_us": 1200.0,
+                   "ours_pdl_net_us": 1100.0, "pdl_gain": 0.055, "marlin_us": 2900.0, "marlin_net_us": 2300.0}],
+        "tuned_file": str(path), "pdl": True,
+    }  # fmt: skip
+    table = bk.markdown(results)
+    assert "| qkv sliding | 1 |" in table and "- M=1: ours 750 µs, Marlin 1500 µs, 2.00x" in table
+    assert "| 1 | 600 | 1800 | 1200 | 1700 | 1100 | 5.5 % | 2900 | 2300 |" in table
+
+
+def asdict_config(config) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)

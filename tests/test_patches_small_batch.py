@@ -48,7 +48,10 @@ def vllm_classes(monkeypatch):
 
 def test_install_wraps_vllms_marlin_layers_once(vllm_classes):
     linear_cls, moe_cls = vllm_classes
-    assert small_batch.install(MARLIN) == f"{small_batch.NOTE}: dense and MoE layers"
+    assert (
+        small_batch.install(MARLIN) == "NVFP4 small-batch kernels for batches of up to 8 tokens (Marlin above): "
+        "dense and MoE layers"
+    )
     wrapped = (linear_cls.apply_weights, moe_cls.apply)
     assert small_batch.install(MARLIN).endswith("dense and MoE layers")
     assert (linear_cls.apply_weights, moe_cls.apply) == wrapped  # not wrapped twice
@@ -56,8 +59,9 @@ def test_install_wraps_vllms_marlin_layers_once(vllm_classes):
 
 
 def test_dense_layers_send_decode_batches_to_the_gemv_and_prompts_to_marlin(vllm_classes, monkeypatch):
-    import nvfp4.kernels.gemv
     from vllm.model_executor.layers.quantization.utils import marlin_utils_fp4
+
+    import nvfp4.kernels.gemv
 
     # Stand-ins for the two GPU kernels: which one a batch reaches is what is tested here.
     monkeypatch.setattr(nvfp4.kernels.gemv, "marlin_nvfp4_gemv", lambda x, *a: torch.full((x.shape[0], a[-2]), 1.0))
@@ -80,6 +84,36 @@ def test_dense_layers_send_decode_batches_to_the_gemv_and_prompts_to_marlin(vllm
     assert small_batch.calls == {"linear:small": 1, "linear:marlin": 1}
 
 
+def test_a_gpus_measured_threshold_sends_larger_decode_batches_to_marlin(vllm_classes, monkeypatch, tmp_path):
+    from vllm.model_executor.layers.quantization.utils import marlin_utils_fp4
+
+    from nvfp4.kernels import tuning
+
+    tuned = tmp_path / "gpu.json"
+    tuned.write_text('{"max_tokens": 2, "gemv": {}, "moe": {}}')
+    monkeypatch.setenv("NVFP4_TUNED", str(tuned))
+    tuning.reload()
+    try:
+        monkeypatch.setattr(
+            marlin_utils_fp4,
+            "apply_fp4_marlin_linear",
+            lambda input, size_n, **kw: torch.full((input.shape[0], size_n), 2.0),
+        )
+        linear_cls, _ = vllm_classes
+        assert "up to 2 tokens" in small_batch.install(MARLIN)
+        layer = SimpleNamespace(
+            weight=torch.zeros(1), weight_scale=torch.zeros(1), weight_global_scale=torch.zeros(1),
+            workspace=torch.zeros(1), output_size_per_partition=24, input_size_per_partition=32,
+        )  # fmt: skip
+        assert bool((object.__new__(linear_cls).apply_weights(layer, torch.zeros(3, 32)) == 2).all())
+        assert small_batch.calls == {"linear:marlin": 1}
+        assert "up to 8 tokens" in small_batch.install(MARLIN, max_tokens=8)  # a caller may ask for all of them
+    finally:
+        monkeypatch.delenv("NVFP4_TUNED")
+        tuning.reload()
+        small_batch.install(MARLIN)
+
+
 def test_the_linear_op_traces_with_its_fake_implementation():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -90,9 +124,10 @@ def test_the_linear_op_traces_with_its_fake_implementation():
 
 
 def test_moe_layers_send_decode_batches_to_our_experts_and_the_rest_to_marlin(vllm_classes, monkeypatch):
-    import nvfp4.kernels.moe
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend
+
+    import nvfp4.kernels.moe
 
     _, moe_cls = vllm_classes
     monkeypatch.setattr(moe_cls, "apply", lambda self, layer, x, *rest: torch.full_like(x, 2.0))  # "Marlin"

@@ -9,14 +9,22 @@ top-8, about 12 of 64 assignments repeat an expert) and ride along in the same m
 
 Grid arithmetic (132 SMs, Gemma 4: hidden 2816, I 704, top-8; at M = 1 there are 8 experts):
 - gate_up: one program = gate super-tile g and up super-tile g + I/64 (64 + 64 columns, so GeGLU happens in
-  registers) x WARPS_K warps along K (2816 = 176 k-tiles). 8 x 11 = 88 programs at M = 1; with split_k = 2
-  176 programs (1.3 per SM), the partial sums meet in a workspace and the last program applies GeGLU.
+  registers) x WARPS_K warps along K (2816 = 176 k-tiles). 8 x 11 = 88 programs at M = 1, one warp per
+  scheduler on two thirds of the SMs: compute-latency-bound. With split_k = s, 88 s programs; the partial sums
+  meet in a workspace and the last program of a block applies GeGLU.
 - down: one program = SUPER 64-column super-tiles of the 2816 outputs (44 of them) x WARPS_K warps over the
   704 inputs (44 k-tiles). Looping over a token's 8 experts inside one program would leave 44 programs, a third
   of the SMs; instead every (expert, column block) is a program (8 x 44 = 352 at M = 1), each writes its routing-
   weighted rows to a [M, top-k, hidden] fp32 workspace, and the last one per column block (an acq_rel counter
   that expects as many arrivals as there are distinct experts) adds a token's top-k rows in slot order and
   writes bf16. Deterministic, one kernel, no atomics on data.
+
+Latency, as in `gemv`: each program prefetches its experts' weights into L2 first (`*_prefetch` k-tiles), and
+with `pdl` both kernels are launched as programmatic dependents. gate_up waits (griddepcontrol.wait) before it
+reads anything, since even which weights to read comes from the router, and at once lets down launch
+(griddepcontrol.launch_dependents); down's programs then start while gate_up is still running where they fit,
+read the routing (the router finished before gate_up's wait returned), prefetch their W2 slices into L2, and wait
+for gate_up to complete before they read its intermediate or write anything.
 """
 
 from __future__ import annotations
@@ -27,18 +35,25 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .gemv import (
+    ALL,
     INTERPRETED,
     SCALE_TO_TRUE,
-    SMS,
     Workspace,
     _accumulate,
     _arrive,
     _columns,
+    _gdc_launch_dependents,
+    _gdc_wait,
     _sum_splits,
     _to_bf16,
     block_m,
     default_workspace,
+    launch,
+    launch_options,
+    sm_count,
+    split_plan,
 )
 from .marlin_layout import SUPER_N, TILE_K
 
@@ -50,32 +65,54 @@ class MoeConfig:
     gate_up_warps_k: int = 4
     gate_up_rows: int = 4
     gate_up_split_k: int = 1
-    gate_up_stages: int = 2
+    gate_up_stages: int = 4
+    gate_up_prefetch: int = ALL  # k-tiles each gate_up program prefetches into L2 first (0: none)
     down_super_tiles: int = 1
     down_warps_k: int = 4
     down_rows: int = 4
-    down_stages: int = 2
+    down_stages: int = 4
+    down_prefetch: int = ALL
+    pdl: bool = False  # both kernels as programmatic dependents (see the module docstring)
     decode_asm: bool = not INTERPRETED
 
 
-# Measured choices, block_m -> config, as python -m bench.kernels prints them (Gemma 4's expert shapes).
+# Measured choices, block_m -> config, for GPUs without a tuned file (Gemma 4's expert shapes).
 DEFAULT_CONFIGS: dict[int, MoeConfig] = {}
+PREFETCH_BYTES = 32 << 20  # prefetch whole slices while the routed experts' bytes stay inside the 50 MB L2
 
 
-def moe_config(m: int, topk: int, i_tiles: int) -> MoeConfig:
-    """Split gate_up's K in two when its grid (assignments x gate super-tiles) would not cover the SMs: at M = 1,
-    8 x 11 = 88 programs -> 176. From M = 2 on there are >= 176 programs anyway, and down has >= 8 x 44."""
-    return DEFAULT_CONFIGS.get(block_m(m)) or MoeConfig(gate_up_split_k=2 if m * topk * i_tiles < SMS else 1)
+def heuristic_config(m: int, topk: int, i_tiles: int, k_tiles: int = 176, sms: int | None = None) -> MoeConfig:
+    """Split gate_up's K until there are ~3 programs per SM (at M = 1, 8 x 11 = 88 programs -> split 4-5);
+    prefetch whole slices while the routed experts' bytes fit well in L2 (M = 1), else the first steps only."""
+    sms = sms or sm_count()
+    blocks = m * topk * i_tiles
+    steps = triton.cdiv(k_tiles, 16)
+    split = min(max(1, steps // 2), max(1, round(3 * sms / blocks)))
+    expert_bytes = 3 * k_tiles * i_tiles * 576  # words + scales: gate_up 2 I x K, down K x I
+    prefetch = ALL if m * topk * expert_bytes <= PREFETCH_BYTES else 32
+    return MoeConfig(gate_up_split_k=split, gate_up_prefetch=prefetch, down_prefetch=prefetch)
+
+
+def moe_config(m: int, topk: int, i_tiles: int, k_tiles: int = 176) -> MoeConfig:
+    """This GPU's tuned config for (hidden, I_pad, top-k, block_m) (`tuning`), else DEFAULT_CONFIGS, else
+    `heuristic_config`."""
+    bm = block_m(m)
+    return (
+        tuning.lookup("moe", (k_tiles * TILE_K, i_tiles * SUPER_N, topk, bm), MoeConfig)
+        or DEFAULT_CONFIGS.get(bm)
+        or heuristic_config(m, topk, i_tiles, k_tiles)
+    )
 
 
 @triton.jit
 def _routing(ids_ptr, a, M, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, A_BLOCK: tl.constexpr, T_BLOCK: tl.constexpr):
     """For assignment a (= m * TOPK + t): its expert, whether a is the expert's first assignment, the number of
-    distinct experts, and per token row whether it routes to the expert and through which slot."""
+    distinct experts, and per token row whether it routes to the expert and through which slot (0 where not).
+    The ids are read from L2 (.cg): down reads them before its griddepcontrol.wait."""
     n_assign = M * TOPK
-    expert = tl.load(ids_ptr + a).to(tl.int32)
+    expert = tl.load(ids_ptr + a, cache_modifier=".cg").to(tl.int32)
     i = tl.arange(0, A_BLOCK)
-    ids = tl.load(ids_ptr + i, mask=i < n_assign, other=-1).to(tl.int32)
+    ids = tl.load(ids_ptr + i, mask=i < n_assign, other=-1, cache_modifier=".cg").to(tl.int32)
     leads = tl.min(tl.where(ids == expert, i, A_BLOCK)) == a
     same = (ids[:, None] == ids[None, :]) & (i[None, :] < n_assign)
     first = tl.min(tl.where(same, i[None, :], A_BLOCK), axis=1)
@@ -83,7 +120,7 @@ def _routing(ids_ptr, a, M, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, A_BLOCK: 
     m = tl.arange(0, BLOCK_M)
     t = tl.arange(0, T_BLOCK)
     valid = (m[:, None] < M) & (t[None, :] < TOPK)
-    row_ids = tl.load(ids_ptr + m[:, None] * TOPK + t[None, :], mask=valid, other=-1).to(tl.int32)
+    row_ids = tl.load(ids_ptr + m[:, None] * TOPK + t[None, :], mask=valid, other=-1, cache_modifier=".cg").to(tl.int32)
     match = row_ids == expert
     uses = tl.max(match.to(tl.int32), axis=1) > 0
     slot = tl.sum(tl.where(match, t[None, :], 0), axis=1)
@@ -97,7 +134,7 @@ def _gelu_tanh(g):
     return g / (1.0 + tl.exp(-2.0 * u))
 
 
-@triton.jit(do_not_specialize=["tiles_per_split"])  # its divisibility changes no code: one compile
+@triton.jit(do_not_specialize=["M", "size_k", "k_tiles", "split_k", "tiles_per_split", "prefetch"])
 def _gate_up_kernel(
     x_ptr,
     ids_ptr,
@@ -113,6 +150,7 @@ def _gate_up_kernel(
     i_tiles,  # padded intermediate size / 64
     split_k,
     tiles_per_split,
+    prefetch,
     stride_xm,
     TOPK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -120,9 +158,14 @@ def _gate_up_kernel(
     T_BLOCK: tl.constexpr,
     WARPS_K: tl.constexpr,
     ROWS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PDL: tl.constexpr,
     DECODE_ASM: tl.constexpr,
     FP32: tl.constexpr,
 ):
+    if PDL:  # the routing and x come from the kernels before: wait for them, then let down's programs start
+        _gdc_wait(FP32)
+        _gdc_launch_dependents(FP32)
     a = tl.program_id(0)
     g = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -134,10 +177,11 @@ def _gate_up_kernel(
         k_end = tl.minimum(k_begin + tiles_per_split, k_tiles)
         w_e = w_ptr + expert.to(tl.int64) * (k_tiles * 2 * n_pad)
         s_e = s_ptr + expert.to(tl.int64) * (k_tiles * n_pad)
-        # Super-tiles g (gate) and g + i_tiles (up): s in n' order is 0 for gate, 1 for up.
+        # Super-tiles g (gate) and g + i_tiles (up): s in n' order is 0 for gate, 1 for up. Every token's row is
+        # computed (rows of tokens not routed here are not stored), none masked.
         acc = _accumulate(
-            x_ptr + m * stride_xm, uses & (m < M), size_k, w_e, s_e, n_pad, g, i_tiles, k_begin, k_end,
-            BLOCK_M, 2, WARPS_K, ROWS, DECODE_ASM, FP32,
+            x_ptr + tl.minimum(m, M - 1) * stride_xm, size_k, w_e, s_e, n_pad, g, i_tiles, k_begin, k_end, prefetch,
+            BLOCK_M, 2, WARPS_K, ROWS, EVEN_K, True, False, DECODE_ASM, FP32,
         )  # fmt: skip
         finish = split_k == 1
         if split_k > 1:
@@ -159,7 +203,7 @@ def _gate_up_kernel(
             tl.store(h_ptr + rows[None, :] + n[:, None], _to_bf16(h, FP32), mask=(uses & (m < M))[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "size_n", "k_tiles", "prefetch"])
 def _down_kernel(
     h_ptr,
     ids_ptr,
@@ -174,6 +218,7 @@ def _down_kernel(
     size_n,
     k_tiles,
     n_pad,
+    prefetch,
     stride_om,
     TOPK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -182,6 +227,9 @@ def _down_kernel(
     SUPER: tl.constexpr,
     WARPS_K: tl.constexpr,
     ROWS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    PDL: tl.constexpr,
     DECODE_ASM: tl.constexpr,
     FP32: tl.constexpr,
 ):
@@ -195,9 +243,10 @@ def _down_kernel(
         rows = m * TOPK + slot
         w_e = w_ptr + expert.to(tl.int64) * (k_tiles * 2 * n_pad)
         s_e = s_ptr + expert.to(tl.int64) * (k_tiles * n_pad)
+        # With PDL, _accumulate prefetches this expert's slice, then waits for gate_up before it reads h.
         acc = _accumulate(
-            h_ptr + rows * size_k, used, size_k, w_e, s_e, n_pad, pid_n * SUPER, 1, 0, k_tiles,
-            BLOCK_M, SUPER, WARPS_K, ROWS, DECODE_ASM, FP32,
+            h_ptr + (tl.minimum(m, M - 1) * TOPK + slot) * size_k, size_k, w_e, s_e, n_pad, pid_n * SUPER, 1, 0,
+            k_tiles, prefetch, BLOCK_M, SUPER, WARPS_K, ROWS, EVEN_K, EVEN_N, PDL, DECODE_ASM, FP32,
         )  # fmt: skip
         weight = tl.load(tw_ptr + rows, mask=used, other=0.0)
         acc = acc * (tl.load(gs_ptr + expert) * SCALE_TO_TRUE) * weight[None, :]
@@ -208,6 +257,21 @@ def _down_kernel(
             total = _sum_splits(part_ptr + (m * TOPK)[None, :] * n_pad + n[:, None], 0, n_pad, TOPK, out_mask)
             tl.store(out_ptr + m[None, :] * stride_om + n[:, None], _to_bf16(total, FP32), mask=out_mask)
             tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+def check_config(config: MoeConfig) -> None:
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
+    if (
+        config.gate_up_rows % 4
+        or config.down_rows % 4
+        or not (pow2(config.gate_up_warps_k) and pow2(config.down_warps_k) and pow2(config.down_super_tiles))
+        or config.gate_up_warps_k * 32 < 2 * 16  # a prefetch round spans a row's 16 sectors per super-tile
+        or config.down_warps_k * 32 < config.down_super_tiles * 16
+        or config.gate_up_split_k < 1
+        or min(config.gate_up_prefetch, config.down_prefetch) < 0
+        or (config.decode_asm and INTERPRETED)
+    ):
+        raise ValueError(f"invalid config {config}")
 
 
 def marlin_nvfp4_moe(
@@ -224,20 +288,24 @@ def marlin_nvfp4_moe(
     workspace: Workspace | None = None,
     intermediate: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    *,
+    warmup: bool = False,
 ) -> torch.Tensor:
     """bf16 [M, K]: the routed experts of x (bf16 [M, K], M <= 8) with GeGLU (tanh gelu), weighted by topk_weights.
 
     w13 int32 [E, K/16, 4 I_pad] (gate then up), w2 int32 [E, I_pad/16, 2 K], their scale bytes and processed
     global scales [E] as vLLM's prepare_nvfp4_moe_layer_for_marlin leaves them; topk_weights fp32 [M, top-k]
     (per-expert scales folded in), topk_ids int32/int64 [M, top-k], distinct within a row. `intermediate`
-    (bf16 [M, top-k, I_pad]) receives the GeGLU outputs, rounded to bf16 as in vLLM's Marlin MoE.
+    (bf16 [M, top-k, I_pad]) receives the GeGLU outputs, rounded to bf16 as in vLLM's Marlin MoE. `warmup`
+    compiles both kernels for these arguments without running them.
     """
     m, hidden = x.shape
     bm = block_m(m)
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernel walks k with unit stride
     topk = topk_ids.shape[1]
     k_tiles, i_tiles = w13.shape[1], w13.shape[2] // 4 // SUPER_N
-    config = config or moe_config(m, topk, i_tiles)
+    config = config or moe_config(m, topk, i_tiles, k_tiles)
+    check_config(config)
     down_k_tiles, n_pad = w2.shape[1], w2.shape[2] // 2
     if hidden > k_tiles * TILE_K or hidden > n_pad or down_k_tiles * TILE_K != i_tiles * SUPER_N:
         raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
@@ -245,8 +313,10 @@ def marlin_nvfp4_moe(
         raise ValueError("topk_weights must be fp32 and shaped like topk_ids [M, top-k]")
     topk_weights, topk_ids = topk_weights.contiguous(), topk_ids.contiguous()  # read as [M * top-k]
     workspace = workspace or default_workspace(x.device)
-    split = config.gate_up_split_k
-    n_down = triton.cdiv(n_pad // SUPER_N, config.down_super_tiles)
+    gate_up_step = config.gate_up_warps_k * config.gate_up_rows
+    tiles_per_split, split = split_plan(k_tiles, gate_up_step, config.gate_up_split_k)
+    n_tiles = n_pad // SUPER_N
+    n_down = triton.cdiv(n_tiles, config.down_super_tiles)
     partials = max(m * topk * n_pad, m * topk * i_tiles * split * 128 * bm if split > 1 else 0)
     if workspace.partials.numel() < partials or workspace.counters.numel() < max(m * topk * i_tiles, n_down):
         raise ValueError("workspace too small for this call")
@@ -261,16 +331,24 @@ def marlin_nvfp4_moe(
     routing = dict(
         TOPK=topk, BLOCK_M=bm, A_BLOCK=triton.next_power_of_2(m * topk), T_BLOCK=triton.next_power_of_2(topk)
     )
-    _gate_up_kernel[(m * topk, i_tiles, split)](
-        x, topk_ids, w13, w13_scale.view(torch.uint8), w13_gs, intermediate, workspace.partials, workspace.counters,
-        m, hidden, k_tiles, i_tiles, split, triton.cdiv(k_tiles, split), x.stride(0),
-        **routing, WARPS_K=config.gate_up_warps_k, ROWS=config.gate_up_rows, DECODE_ASM=config.decode_asm,
-        FP32=INTERPRETED, num_warps=config.gate_up_warps_k, num_stages=config.gate_up_stages,
+    common = dict(PDL=config.pdl, DECODE_ASM=config.decode_asm, FP32=INTERPRETED)
+    launch(
+        _gate_up_kernel, (m * topk, i_tiles, split),
+        (x, topk_ids, w13, w13_scale.view(torch.uint8), w13_gs, intermediate, workspace.partials, workspace.counters,
+         m, hidden, k_tiles, i_tiles, split, tiles_per_split, min(config.gate_up_prefetch, ALL), x.stride(0)),
+        dict(**routing, WARPS_K=config.gate_up_warps_k, ROWS=config.gate_up_rows,
+             EVEN_K=k_tiles % gate_up_step == 0 and hidden == k_tiles * TILE_K, **common,
+             **launch_options(config.gate_up_warps_k, config.gate_up_stages, config.pdl)),
+        warmup,
     )  # fmt: skip
-    _down_kernel[(m * topk, n_down)](
-        intermediate, topk_ids, topk_weights, w2, w2_scale.view(torch.uint8), w2_gs, out, workspace.partials,
-        workspace.counters, m, hidden, down_k_tiles, n_pad, out.stride(0),
-        **routing, SUPER=config.down_super_tiles, WARPS_K=config.down_warps_k, ROWS=config.down_rows,
-        DECODE_ASM=config.decode_asm, FP32=INTERPRETED, num_warps=config.down_warps_k, num_stages=config.down_stages,
+    launch(
+        _down_kernel, (m * topk, n_down),
+        (intermediate, topk_ids, topk_weights, w2, w2_scale.view(torch.uint8), w2_gs, out, workspace.partials,
+         workspace.counters, m, hidden, down_k_tiles, n_pad, min(config.down_prefetch, ALL), out.stride(0)),
+        dict(**routing, SUPER=config.down_super_tiles, WARPS_K=config.down_warps_k, ROWS=config.down_rows,
+             EVEN_K=down_k_tiles % (config.down_warps_k * config.down_rows) == 0,
+             EVEN_N=n_tiles % config.down_super_tiles == 0, **common,
+             **launch_options(config.down_warps_k, config.down_stages, config.pdl)),
+        warmup,
     )  # fmt: skip
     return out
